@@ -1,0 +1,1 @@
+"""Framework-free core of upmoe: model, checkpoint I/O, tokenizer and the embedded corpus."""

@@ -1,0 +1,137 @@
+"""Routed experts: weights for the experts a module owns, and interchangeable compute backends.
+
+Shape legend: S slots (tokens sorted by expert), D hidden, F expert width, E_l experts owned locally.
+Weights are stored stacked, ``gate_up_proj`` [E_l, 2F, D] (gate rows then up rows, as in HF per-expert
+``gate_proj``/``up_proj``) and ``down_proj`` [E_l, D, F]. Every backend computes, for each owned expert e and
+its contiguous block of slots, ``down_e(silu(gate_e x) * up_e x)``.
+
+Backends:
+- ``eager``: a plain loop over experts, the readable reference and test oracle;
+- ``grouped``: ``torch.nn.functional.grouped_mm`` (CPU and CUDA), two grouped matmuls for all experts;
+- ``megablocks``: MegaBlocks' grouped GEMM kernels (CUDA only, imported lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ExpertBackend(str, Enum):
+    EAGER = "eager"
+    GROUPED = "grouped"
+    MEGABLOCKS = "megablocks"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested expert backend cannot run on this machine."""
+
+
+def _swiglu(h_SG: torch.Tensor) -> torch.Tensor:
+    gate, up = h_SG.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def eager_experts(
+    x_SD: torch.Tensor, counts: list[int], gate_up_EGD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    outputs = [
+        _swiglu(chunk @ gate_up_EGD[e].T) @ down_EDF[e].T for e, chunk in enumerate(torch.split(x_SD, counts))
+    ]
+    return torch.cat(outputs) if outputs else x_SD.new_zeros(0, down_EDF.shape[1])
+
+
+def grouped_experts(
+    x_SD: torch.Tensor, counts: list[int], gate_up_EGD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    offsets = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
+    h_SG = F.grouped_mm(x_SD, gate_up_EGD.transpose(1, 2), offs=offsets)
+    # grouped_mm's backward needs a dense gradient; make the activation a fresh contiguous tensor.
+    return F.grouped_mm(_swiglu(h_SG).contiguous(), down_EDF.transpose(1, 2), offs=offsets)
+
+
+def megablocks_experts(
+    x_SD: torch.Tensor, counts: list[int], gate_up_EGD: torch.Tensor, down_EDF: torch.Tensor
+) -> torch.Tensor:
+    if not x_SD.is_cuda:
+        raise BackendUnavailable(
+            "the 'megablocks' expert backend runs only on CUDA tensors; use backend 'grouped' on CPU"
+        )
+    try:
+        from megablocks import grouped_gemm_util as gg  # lazy: CUDA-only optional dependency
+    except ImportError as e:
+        raise BackendUnavailable(
+            "the 'megablocks' expert backend needs the megablocks package with its grouped_gemm kernels "
+            "(pip install 'upmoe[megablocks]' on a CUDA machine); use backend 'grouped' instead"
+        ) from e
+    if not gg.grouped_gemm_is_available():
+        raise BackendUnavailable("megablocks is installed but its grouped_gemm kernels are not")
+    batch_sizes = torch.tensor(counts, dtype=torch.int64)  # MegaBlocks wants the sizes on the host
+    h_SG = gg.ops.gmm(x_SD, gate_up_EGD, batch_sizes, trans_b=True)
+    return gg.ops.gmm(_swiglu(h_SG).contiguous(), down_EDF, batch_sizes, trans_b=True)
+
+
+ExpertsFn = Callable[[torch.Tensor, list[int], torch.Tensor, torch.Tensor], torch.Tensor]
+
+_BACKENDS: dict[ExpertBackend, ExpertsFn] = {
+    ExpertBackend.EAGER: eager_experts,
+    ExpertBackend.GROUPED: grouped_experts,
+    ExpertBackend.MEGABLOCKS: megablocks_experts,
+}
+
+
+def default_backend() -> ExpertBackend:
+    return ExpertBackend.GROUPED if hasattr(F, "grouped_mm") else ExpertBackend.EAGER
+
+
+class Experts(nn.Module):
+    """The routed experts with global ids ``first_expert .. first_expert + num_local - 1``.
+
+    Built owning all experts on one device, or a contiguous block of them under expert parallelism; either
+    way ``forward`` receives only the slots for the experts it owns, sorted by expert.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        expert_size: int,
+        *,
+        first_expert: int = 0,
+        num_local: int | None = None,
+        backend: ExpertBackend | str | None = None,
+    ) -> None:
+        super().__init__()
+        num_local = num_experts - first_expert if num_local is None else num_local
+        if not (0 <= first_expert and num_local > 0 and first_expert + num_local <= num_experts):
+            raise ValueError(
+                f"experts {first_expert}..{first_expert + num_local - 1} not in 0..{num_experts - 1}"
+            )
+        self.num_experts = num_experts
+        self.first_expert = first_expert
+        self.num_local = num_local
+        self.expert_size = expert_size
+        self.backend = ExpertBackend(backend) if backend is not None else default_backend()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * expert_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_local, hidden_size, expert_size))
+
+    @property
+    def owned(self) -> range:
+        return range(self.first_expert, self.first_expert + self.num_local)
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
+        counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else list(counts_E)
+        if x_SD.shape[0] == 0:
+            # Keep the weights in the graph so every rank's backward touches them (DDP/ZeRO hooks fire).
+            return x_SD.new_zeros(0, x_SD.shape[1]) + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
+        return _BACKENDS[self.backend](x_SD, counts, self.gate_up_proj, self.down_proj)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.first_expert}..{self.first_expert + self.num_local - 1} of {self.num_experts}, "
+            f"expert_size={self.expert_size}, backend={self.backend.value}"
+        )

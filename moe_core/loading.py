@@ -1,0 +1,170 @@
+"""Load and save whole models as Hugging Face directories (config.json + sharded safetensors + tokenizer).
+
+Loading is lazy and exact: the model is built on the meta device, materialised empty, and filled tensor by
+tensor from mmap'd safetensors, so peak memory is the model itself. A model built owning a subset of the
+routed experts reads only those experts' tensors. Every missing, unexpected or mis-shaped tensor is an
+error that names the key, the file and what the config implies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from moe_core.checkpoint_io import CheckpointError, TensorReader, save_hf_dir
+from moe_core.config import ModelConfig, load_config
+from moe_core.experts import ExpertBackend
+from moe_core.hf_keys import IGNORED_KEY, expected_hf_keys, expert_key, hf_tensors, stacked_param
+from moe_core.model import CausalLM
+
+# Files copied next to the weights when saving: tokenizer (v4 and v5 layouts) and generation settings.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    key = aliases.get(name, name)
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    expert_backend: ExpertBackend | str | None = None,
+    first_expert: int = 0,
+    num_local_experts: int | None = None,
+    config: ModelConfig | None = None,
+) -> CausalLM:
+    """Build the model described by MODEL_DIR/config.json and fill it from the directory's safetensors."""
+    model_dir = Path(model_dir)
+    cfg = config or load_config(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(
+            cfg, expert_backend=expert_backend, first_expert=first_expert, num_local_experts=num_local_experts
+        )
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(parse_dtype(dtype))
+    model.reset_buffers()
+    with TensorReader(model_dir) as reader:
+        check_keys(reader, cfg, model_dir)
+        fill_parameters(model, reader)
+    return model
+
+
+def check_keys(reader: TensorReader, cfg: ModelConfig, model_dir: Path) -> None:
+    present = {k for k in reader.keys() if not IGNORED_KEY.search(k)}
+    expected = expected_hf_keys(cfg)
+    if cfg.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some writers store the tied copy; it is the embedding
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: {len(missing)} tensor(s) that config.json implies are missing, e.g. "
+            + ", ".join(missing[:5])
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{model_dir}: {len(unexpected)} tensor(s) not part of a {cfg.model_type.value} model with this "
+            "config.json, e.g. " + ", ".join(unexpected[:5])
+        )
+
+
+@torch.no_grad()
+def fill_parameters(model: CausalLM, reader: TensorReader) -> None:
+    first = model.expert_placement.first
+    for name, param in model.named_parameters():
+        stacked = stacked_param(name)
+        if stacked is None:
+            param.copy_(_read(reader, name, tuple(param.shape), param.dtype))
+            continue
+        layer, kind = stacked
+        expert_size = param.shape[2] if kind == "down_proj" else param.shape[1] // 2
+        for local in range(param.shape[0]):
+            e = first + local
+            if kind == "down_proj":
+                param[local].copy_(
+                    _read(reader, expert_key(layer, e, "down_proj"), tuple(param.shape[1:]), param.dtype)
+                )
+            else:
+                shape = (expert_size, param.shape[2])
+                param[local, :expert_size].copy_(
+                    _read(reader, expert_key(layer, e, "gate_proj"), shape, param.dtype)
+                )
+                param[local, expert_size:].copy_(
+                    _read(reader, expert_key(layer, e, "up_proj"), shape, param.dtype)
+                )
+
+
+def _read(reader: TensorReader, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    found = tuple(reader.shape(key))
+    if found != shape:
+        raise CheckpointError(
+            f"{reader.file_of(key)}: tensor {key} has shape {list(found)} but config.json implies {list(shape)}"
+        )
+    return reader.get(key, dtype=dtype)
+
+
+def model_hf_tensors(model: CausalLM, dtype: torch.dtype | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """The model's weights as (HF key, tensor) pairs, optionally cast, in a deterministic order."""
+    named = ((n, p.detach() if dtype is None else p.detach().to(dtype)) for n, p in model.named_parameters())
+    return hf_tensors(named, model.config, model.expert_placement.first)
+
+
+def config_with_dtype(cfg: ModelConfig, dtype: torch.dtype) -> ModelConfig:
+    """Record the weights' dtype in config.json under the key this config's generation uses."""
+    extra = dict(cfg.extra)
+    key = "dtype" if "dtype" in extra else "torch_dtype"
+    extra[key] = dtype_name(dtype)
+    return cfg.replace(extra=extra)
+
+
+def save_model(
+    model: CausalLM,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
+    """Write MODEL as an HF directory, atomically (a crash leaves nothing that looks complete)."""
+    if model.expert_placement.first != 0 or (
+        model.expert_placement.count not in (None, model.config.num_experts)
+    ):
+        raise ValueError("save_model needs a model that owns every expert; gather expert shards first")
+    dtype = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
+    copy_files = []
+    if tokenizer_dir is not None:
+        copy_files = [Path(tokenizer_dir) / f for f in TOKENIZER_FILES if (Path(tokenizer_dir) / f).exists()]
+    return save_hf_dir(
+        out_dir,
+        model_hf_tensors(model, dtype),
+        config_with_dtype(model.config, dtype).to_hf_dict(),
+        max_shard_bytes=max_shard_bytes,
+        copy_files=copy_files,
+        overwrite=overwrite,
+    )

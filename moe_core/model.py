@@ -1,0 +1,233 @@
+"""Qwen2 dense and Qwen2-MoE causal language models, written as single-device PyTorch.
+
+Module and parameter names follow the HF checkpoint keys (``model.layers.{i}.self_attn.q_proj`` ...), so the
+key map in ``hf_keys`` only has to translate the stacked expert weights. Parallelism (expert parallel
+dispatch, DeepSpeed) is applied from outside.
+
+Shape legend: B batch, T new tokens, S visible key positions, D hidden, H q heads, H_kv kv heads, d head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_core.config import ModelConfig
+from moe_core.experts import ExpertBackend
+from moe_core.kv_cache import KVCache
+from moe_core.layers import MLP, RMSNorm
+from moe_core.moe import MoE, Routing
+from moe_core.rope import apply_rope, rope_cos_sin, rope_frequencies
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V], or [B, V] with last_only
+    routings: list[Routing] = field(default_factory=list)  # one per MoE layer, in layer order
+
+    @property
+    def router_logits(self) -> list[torch.Tensor]:
+        return [r.logits_TE for r in self.routings]
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which routed experts every MoE layer owns, and how it computes them."""
+
+    first: int = 0
+    count: int | None = None  # None: all experts from ``first`` on
+    backend: ExpertBackend | str | None = None
+
+
+@dataclass
+class AttentionContext:
+    """What every layer needs to attend: rotary tables, and the cache rows when decoding."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    slots_B: torch.Tensor | None = None
+    positions_BT: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.attn_head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, t, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTD).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTD).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k_all, v_all = ctx.cache.write_and_read(self.layer_idx, ctx.slots_B, ctx.positions_BT, k, v)
+            key_pos_S = torch.arange(k_all.shape[2], device=x_BTD.device)
+            mask_B1TS = (key_pos_S[None, None, :] <= ctx.positions_BT[:, :, None]).unsqueeze(1)
+            out = F.scaled_dot_product_attention(
+                q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask_B1TS, enable_gqa=True
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, experts: ExpertPlacement) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp: nn.Module
+        if self.is_moe:
+            self.mlp = MoE(
+                cfg,
+                first_expert=experts.first,
+                num_local_experts=experts.count,
+                backend=experts.backend,
+            )
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, Routing | None]:
+        h = x_BTD + self.self_attn(self.input_layernorm(x_BTD), ctx)
+        mlp_in = self.post_attention_layernorm(h)
+        if self.is_moe:
+            mlp_out, routing = self.mlp(mlp_in)
+            return h + mlp_out, routing
+        return h + self.mlp(mlp_in), None
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and final norm (HF's ``model.*`` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, experts: ExpertPlacement) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Qwen2ForCausalLM / Qwen2MoeForCausalLM, by ``cfg.model_type``.
+
+    ``first_expert``/``num_local_experts`` build every MoE layer owning only that contiguous block of
+    routed experts (expert parallelism); by default it owns all of them.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        expert_backend: ExpertBackend | str | None = None,
+        first_expert: int = 0,
+        num_local_experts: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.expert_placement = ExpertPlacement(first_expert, num_local_experts, expert_backend)
+        self.model = Backbone(cfg, self.expert_placement)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        inv_freq, scale = rope_frequencies(cfg)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.rope_scale = scale
+        self.activation_checkpointing = False
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after materialising a model built on the meta device)."""
+        self.rope_inv_freq.copy_(rope_frequencies(self.config)[0])
+        for moe in self.moe_layers():
+            moe.gate.selection_bias.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def set_expert_backend(self, backend: ExpertBackend | str) -> None:
+        for moe in self.moe_layers():
+            moe.experts.backend = ExpertBackend(backend)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Random init as transformers does: N(0, initializer_range) matrices, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        slots_B: torch.Tensor | None = None,
+        input_lengths_B: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> CausalLMOutput:
+        """Logits for ``input_ids``.
+
+        Without a cache: a plain causal forward over whole sequences (training, evaluation).
+        With a cache: row b continues the sequence in ``slots_B[b]`` (default: slot b) with its first
+        ``input_lengths_B[b]`` tokens (default: all T; the rest is right padding). ``last_only`` returns
+        logits [B, V] at each row's last real token, which is what decoding needs.
+        """
+        b, t = input_ids_BT.shape
+        device = input_ids_BT.device
+        if input_lengths_B is None:
+            input_lengths_B = torch.full((b,), t, dtype=torch.long, device=device)
+        if cache is None:
+            positions_BT = torch.arange(t, device=device).expand(b, t)
+            ctx_extra: dict = {}
+        else:
+            slots_B = torch.arange(b, device=device) if slots_B is None else slots_B.to(device)
+            positions_BT = cache.positions(slots_B, t)
+            ctx_extra = dict(cache=cache, slots_B=slots_B, positions_BT=positions_BT)
+
+        x = self.model.embed_tokens(input_ids_BT)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_scale, positions_BT, x.dtype)
+        ctx = AttentionContext(cos=cos, sin=sin, **ctx_extra)
+        routings: list[Routing] = []
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x, routing = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x, routing = layer(x, ctx)
+            if routing is not None:
+                routings.append(routing)
+        if cache is not None:
+            cache.advance(slots_B, input_lengths_B)
+        if last_only:
+            x = x[torch.arange(b, device=device), input_lengths_B.to(device) - 1]
+        logits = self.lm_head(self.model.norm(x))
+        return CausalLMOutput(logits=logits, routings=routings)
+
+
+def next_token_loss(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting tokens 2..T from their prefixes (fp32)."""
+    return F.cross_entropy(
+        logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(), input_ids_BT[:, 1:].reshape(-1)
+    )
