@@ -39,9 +39,10 @@ def _swiglu(h_SG: torch.Tensor) -> torch.Tensor:
 def eager_experts(
     x_SD: torch.Tensor, counts: list[int], gate_up_EGD: torch.Tensor, down_EDF: torch.Tensor
 ) -> torch.Tensor:
-    outputs = [
-        _swiglu(chunk @ gate_up_EGD[e].T) @ down_EDF[e].T for e, chunk in enumerate(torch.split(x_SD, counts))
-    ]
+    # unbind (not gate_up_EGD[e]) so backward stacks the per-expert grads once instead of materialising
+    # a full-size zero gradient for every expert.
+    gate_ups, downs = gate_up_EGD.unbind(0), down_EDF.unbind(0)
+    outputs = [_swiglu(chunk @ gate_ups[e].T) @ downs[e].T for e, chunk in enumerate(torch.split(x_SD, counts))]
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, down_EDF.shape[1])
 
 

@@ -2,9 +2,9 @@
 
 Every parameter's name already is its HF key, except the stacked routed experts:
 
-    model.layers.{i}.mlp.experts.gate_up_proj [E_l, 2F, D]  <->  model.layers.{i}.mlp.experts.{e}.gate_proj.weight [F, D]
-                                                                model.layers.{i}.mlp.experts.{e}.up_proj.weight   [F, D]
-    model.layers.{i}.mlp.experts.down_proj    [E_l, D, F]  <->  model.layers.{i}.mlp.experts.{e}.down_proj.weight [D, F]
+    experts.gate_up_proj [E_l, 2F, D] <-> model.layers.{i}.mlp.experts.{e}.gate_proj.weight [F, D]
+                                          model.layers.{i}.mlp.experts.{e}.up_proj.weight   [F, D]
+    experts.down_proj    [E_l, D, F] <-> model.layers.{i}.mlp.experts.{e}.down_proj.weight [D, F]
 
 with e running over the experts the module owns. A tied lm_head is not written (transformers re-ties it).
 """

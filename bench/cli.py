@@ -1,0 +1,21 @@
+"""``upmoe bench NAME``: dispatch to one benchmark module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "moe-layer": ("bench.moe_layer", "MoE block throughput: upmoe backends vs transformers' implementations"),
+}
+
+
+def configure(name: str, parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for bench_name, (module, summary) in BENCHMARKS.items():
+        p = sub.add_parser(bench_name, help=summary, description=summary)
+        importlib.import_module(module).configure(p)
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args)

@@ -1,0 +1,78 @@
+"""The ``upmoe`` command: a thin dispatcher that imports a subcommand's package only when it runs.
+
+Keeping the table here (not in moe_core) lets ``upmoe eval`` start without importing Ray, and keeps moe_core
+free of any upward dependency. Each subcommand lives next to the code it drives, as a pair of functions
+``configure(parser)`` and ``run(args) -> int`` in that package's ``cli`` module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "init": Command("moe_core.cli", "create a randomly initialised model directory (config, weights, tokenizer)"),
+    "eval": Command("moe_core.cli", "mean next-token cross-entropy of a model on a text file"),
+    "bench": Command("bench.cli", "benchmarks that print side-by-side tables with ratios"),
+    "demo": Command("upmoe.demo", "run the end-to-end demo on the embedded default model and corpus"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: upmoe COMMAND [ARGS...]",
+        "",
+        "Turn dense Qwen2 checkpoints into fine-grained Qwen2-MoE models and run them on Ray.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "Run 'upmoe COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        hint = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"upmoe: unknown command {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name].module)
+    parser = argparse.ArgumentParser(
+        prog=f"upmoe {name}",
+        description=COMMANDS[name].summary,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    module.configure(name, parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(name, args) or 0)
+    except KeyboardInterrupt:
+        print(f"upmoe {name}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("UPMOE_DEBUG"):
+            raise
+        print(f"upmoe {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
