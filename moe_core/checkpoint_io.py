@@ -131,9 +131,7 @@ def read_json(path: str | Path, what: str) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-        ) from None
+        raise CheckpointError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} {path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -240,8 +238,7 @@ def _read_header(path: Path) -> dict[str, _TensorInfo]:
     held = size - 8 - header_len
     if declared != held:
         raise CheckpointError(
-            f"{path} is truncated or corrupt: "
-            f"header declares {declared} bytes of tensor data, file holds {held}"
+            f"{path} is truncated or corrupt: header declares {declared} bytes of tensor data, file holds {held}"
         )
     return infos
 
@@ -263,9 +260,7 @@ def _load_index(model_dir: Path, index_path: Path) -> dict[str, Path]:
     index = read_json(index_path, "weights index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CheckpointError(
-            f"{index_path}: expected a 'weight_map' object, found {type(weight_map).__name__}"
-        )
+        raise CheckpointError(f"{index_path}: expected a 'weight_map' object, found {type(weight_map).__name__}")
     resolved: dict[str, Path] = {}
     by_name: dict[str, Path] = {}
     for key, name in weight_map.items():
@@ -439,9 +434,7 @@ class TensorReader:
         tensor = self._handle(path).get_tensor(key)
         return _convert(tensor, dtype)
 
-    def get_slice(
-        self, key: str, dim0_start: int, dim0_stop: int, dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+    def get_slice(self, key: str, dim0_start: int, dim0_stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Load rows ``[dim0_start, dim0_stop)`` only, e.g. one expert's rows of a fused weight."""
         path = self.file_of(key)
         shape = self._header(path)[key].shape
@@ -449,8 +442,7 @@ class TensorReader:
             raise CheckpointError(f"{path}: tensor {key!r} is a scalar, cannot slice along dim 0")
         if not (0 <= dim0_start <= dim0_stop <= shape[0]):
             raise CheckpointError(
-                f"{path}: rows [{dim0_start}, {dim0_stop}) out of range for tensor {key!r} "
-                f"with shape {list(shape)}"
+                f"{path}: rows [{dim0_start}, {dim0_stop}) out of range for tensor {key!r} with shape {list(shape)}"
             )
         tensor = self._handle(path).get_slice(key)[dim0_start:dim0_stop]
         return _convert(tensor, dtype)
@@ -525,9 +517,7 @@ def _write_shard(path: Path, items: list[tuple[str, torch.Tensor]], metadata: di
             f.write(_tensor_buffer(tensor))
 
 
-def _check_writer_args(
-    out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None
-) -> dict[str, str]:
+def _check_writer_args(out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None) -> dict[str, str]:
     if sys.byteorder != "little":
         raise CheckpointError("safetensors is little-endian; writing from a big-endian host is not supported")
     if max_shard_bytes <= 0:
@@ -540,9 +530,7 @@ def _check_writer_args(
     stale += sorted(p.name for p in out_dir.glob("model-*-of-*.safetensors"))
     if stale:
         # Old shards with a different shard count would survive next to ours and confuse readers.
-        raise CheckpointError(
-            f"{out_dir} already holds weights ({', '.join(stale)}); write into an empty directory"
-        )
+        raise CheckpointError(f"{out_dir} already holds weights ({', '.join(stale)}); write into an empty directory")
     return meta
 
 
@@ -741,13 +729,9 @@ def _plan_extra_files(
             found = type(extra[name]).__name__
             raise CheckpointError(f"extra_json[{name!r}]: expected a dict, found {found}")
     names = [p.name for p in sources] + list(extra)
-    clashes = sorted(
-        {n for n in names if n in _RESERVED_NAMES or n.startswith("model-") or names.count(n) > 1}
-    )
+    clashes = sorted({n for n in names if n in _RESERVED_NAMES or n.startswith("model-") or names.count(n) > 1})
     if clashes:
-        raise CheckpointError(
-            f"extra files would overwrite weights, config or each other: {', '.join(clashes)}"
-        )
+        raise CheckpointError(f"extra files would overwrite weights, config or each other: {', '.join(clashes)}")
     return sources, extra
 
 

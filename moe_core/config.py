@@ -72,7 +72,12 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)
     # Bookkeeping for exact round trips.
     rope_format: str = "v4"
-    rope_scaling_as_read: dict[str, Any] | None = None  # verbatim v4 rope_scaling, written back if unchanged
+    # The rope scaling dict verbatim as read (v4 rope_scaling / v5 rope_parameters less rope_theta), written back
+    # unchanged when the normalised scaling was not modified, so legacy spellings round-trip exactly.
+    rope_scaling_as_read: dict[str, Any] | None = None
+    rope_format_as_read: str | None = None
+    # Known keys the source file did not have: left out again when still null, so files round-trip exactly.
+    absent_keys: frozenset[str] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,8 +137,7 @@ class ModelConfig:
             need(self.num_experts > 0, f"num_experts must be positive for qwen2_moe, got {self.num_experts}")
             need(
                 0 < self.num_experts_per_tok <= self.num_experts,
-                f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
-                f"got {self.num_experts_per_tok}",
+                f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), got {self.num_experts_per_tok}",
             )
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
             need(self.decoder_sparse_step > 0, "decoder_sparse_step must be positive")
@@ -145,9 +149,7 @@ class ModelConfig:
         cfg = copy.deepcopy(raw)
         model_type = cfg.pop("model_type", None)
         if model_type not in (ModelType.DENSE.value, ModelType.MOE.value):
-            raise ConfigError(
-                f"{source}: unsupported model_type {model_type!r}; expected 'qwen2' or 'qwen2_moe'"
-            )
+            raise ConfigError(f"{source}: unsupported model_type {model_type!r}; expected 'qwen2' or 'qwen2_moe'")
         rope_theta, rope_scaling, rope_format, as_read = _read_rope(cfg, source)
         known = {f.name for f in fields(cls)} - _BOOKKEEPING
         kwargs: dict[str, Any] = {k: cfg.pop(k) for k in list(cfg) if k in known}
@@ -165,6 +167,9 @@ class ModelConfig:
                 rope_scaling=rope_scaling,
                 rope_format=rope_format,
                 rope_scaling_as_read=as_read,
+                rope_format_as_read=rope_format,
+                absent_keys=frozenset({f.name for f in fields(cls)} - _BOOKKEEPING - set(raw))
+                | (frozenset() if "rope_scaling" in raw else frozenset({"rope_scaling"})),
                 extra=cfg,
                 **kwargs,
             )
@@ -191,17 +196,23 @@ class ModelConfig:
         if self.head_dim is not None:
             out["head_dim"] = self.head_dim
         if self.rope_format == "v5":
-            params = {"rope_type": "default", "rope_theta": self.rope_theta}
-            params.update(self.rope_scaling or {})
-            out["rope_parameters"] = params
+            as_read = self.rope_scaling_as_read if self.rope_format == self.rope_format_as_read else None
+            if as_read is not None and _normalise_scaling(as_read) == self.rope_scaling:
+                params = copy.deepcopy(as_read)
+            else:
+                params = dict(self.rope_scaling or {"rope_type": "default"})
+            out["rope_parameters"] = {**params, "rope_theta": self.rope_theta}
             out.setdefault("layer_types", ["full_attention"] * self.num_hidden_layers)
         else:
             out["rope_theta"] = self.rope_theta
             out["rope_scaling"] = self._v4_rope_scaling()
+        for key in self.absent_keys:
+            if out.get(key, 0) is None:
+                del out[key]
         return out
 
     def _v4_rope_scaling(self) -> dict[str, Any] | None:
-        as_read = self.rope_scaling_as_read
+        as_read = self.rope_scaling_as_read if self.rope_format == self.rope_format_as_read else None
         if as_read is not None and _normalise_scaling(as_read) == self.rope_scaling:
             return copy.deepcopy(as_read)
         if self.rope_scaling is None:
@@ -217,7 +228,16 @@ class ModelConfig:
         return json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n"
 
 
-_BOOKKEEPING = {"model_type", "rope_theta", "rope_scaling", "rope_format", "rope_scaling_as_read", "extra"}
+_BOOKKEEPING = {
+    "model_type",
+    "rope_theta",
+    "rope_scaling",
+    "rope_format",
+    "rope_scaling_as_read",
+    "rope_format_as_read",
+    "absent_keys",
+    "extra",
+}
 _MOE_FIELDS = {
     "num_experts",
     "num_experts_per_tok",
@@ -237,9 +257,7 @@ def _normalise_scaling(scaling: dict[str, Any]) -> dict[str, Any] | None:
     return None if kind == "default" else {"rope_type": kind, **body}
 
 
-def _read_rope(
-    cfg: dict[str, Any], source: str
-) -> tuple[float, dict[str, Any] | None, str, dict[str, Any] | None]:
+def _read_rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None, str, dict[str, Any] | None]:
     """Pop the rope keys of either generation; return (theta, normalised scaling, format, v4 verbatim)."""
     params = cfg.pop("rope_parameters", None)
     if params is not None:
@@ -247,11 +265,10 @@ def _read_rope(
             raise ConfigError(f"{source}: rope_parameters must be a dict holding rope_theta, got {params!r}")
         params = dict(params)
         theta = float(params.pop("rope_theta"))
-        scaling = params if params.get("rope_type", "default") != "default" else None
         # A v5 file may also carry a stale top-level rope_theta/rope_scaling; rope_parameters wins.
         cfg.pop("rope_theta", None)
         cfg.pop("rope_scaling", None)
-        return theta, scaling, "v5", None
+        return theta, _normalise_scaling(params), "v5", params
     theta = float(cfg.pop("rope_theta", 10000.0))
     as_read = cfg.pop("rope_scaling", None)
     if as_read is None:

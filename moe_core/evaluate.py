@@ -72,8 +72,7 @@ def evaluate_text(
         raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(
-            f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-            f"({model.config.max_position_embeddings})"
+            f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({model.config.max_position_embeddings})"
         )
     blocks = token_blocks(tokenizer.encode(text), seq_len, max_tokens)
     loss = evaluate_blocks(model, blocks, batch_size, progress)

@@ -46,13 +46,38 @@ def eager_experts(
     return torch.cat(outputs) if outputs else x_SD.new_zeros(0, down_EDF.shape[1])
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: grouped_mm's backward rejects stride-0 ones
+    (e.g. the gradient of ``.sum()``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_supported(x_SD: torch.Tensor, gate_up_EGD: torch.Tensor) -> bool:
+    """torch's grouped_mm needs every row stride to be a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    itemsize = x_SD.element_size()
+    hidden, width = gate_up_EGD.shape[2], gate_up_EGD.shape[1] // 2
+    return (hidden * itemsize) % 16 == 0 and (width * itemsize) % 16 == 0
+
+
 def grouped_experts(
     x_SD: torch.Tensor, counts: list[int], gate_up_EGD: torch.Tensor, down_EDF: torch.Tensor
 ) -> torch.Tensor:
+    if not grouped_mm_supported(x_SD, gate_up_EGD):
+        # Same math, one matmul per expert: for widths torch's kernel cannot take (tiny test shapes).
+        return eager_experts(x_SD, counts, gate_up_EGD, down_EDF)
     offsets = torch.tensor(counts, device=x_SD.device).cumsum(0).to(torch.int32)
     h_SG = F.grouped_mm(x_SD, gate_up_EGD.transpose(1, 2), offs=offsets)
-    # grouped_mm's backward needs a dense gradient; make the activation a fresh contiguous tensor.
-    return F.grouped_mm(_swiglu(h_SG).contiguous(), down_EDF.transpose(1, 2), offs=offsets)
+    y_SD = F.grouped_mm(_swiglu(h_SG).contiguous(), down_EDF.transpose(1, 2), offs=offsets)
+    return _DenseGrad.apply(y_SD)
 
 
 def megablocks_experts(
@@ -109,9 +134,7 @@ class Experts(nn.Module):
         super().__init__()
         num_local = num_experts - first_expert if num_local is None else num_local
         if not (0 <= first_expert and num_local > 0 and first_expert + num_local <= num_experts):
-            raise ValueError(
-                f"experts {first_expert}..{first_expert + num_local - 1} not in 0..{num_experts - 1}"
-            )
+            raise ValueError(f"experts {first_expert}..{first_expert + num_local - 1} not in 0..{num_experts - 1}")
         self.num_experts = num_experts
         self.first_expert = first_expert
         self.num_local = num_local

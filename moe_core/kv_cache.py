@@ -4,6 +4,8 @@ Shape legend: L layers, N slots (sequences the cache can hold), H_kv kv heads, M
 d head dim. A sequence lives in one slot; ``lengths[slot]`` counts its cached tokens. A forward pass over
 rows (slot_b, new tokens) writes each row's keys/values at positions lengths[slot_b] + 0..T-1 and attends
 to positions ≤ its own, so rows of different lengths share one batch without padding the cache.
+Right-padding tokens of a row (beyond its input length) write to one extra scratch column M that no real
+token ever attends to, so padding neither overflows a nearly full slot nor overwrites real entries.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, max_tokens, cfg.attn_head_dim)
+        shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, max_tokens + 1, cfg.attn_head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
@@ -40,15 +42,20 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def positions(self, slots_B: torch.Tensor, num_new: int) -> torch.Tensor:
-        """Positions [B, T] the next ``num_new`` tokens of each row occupy."""
+    def positions(self, slots_B: torch.Tensor, num_new: int, input_lengths_B: torch.Tensor) -> torch.Tensor:
+        """Positions [B, T] of the next tokens of each row; padding (t >= input length) maps to the scratch column."""
         start_B = self.lengths[slots_B]
-        if int(start_B.max()) + num_new > self.max_tokens:
+        end_B = start_B + input_lengths_B.to(start_B.device)
+        if bool((end_B > self.max_tokens).any()):
+            row = int(torch.argmax((end_B > self.max_tokens).int()))
             raise CacheFullError(
-                f"KV cache slot holds {self.max_tokens} tokens; writing {num_new} more after "
-                f"{int(start_B.max())} would overflow"
+                f"KV cache slot {int(slots_B[row])} holds {self.max_tokens} tokens; writing "
+                f"{int(input_lengths_B[row])} more after {int(start_B[row])} would overflow"
             )
-        return start_B[:, None] + torch.arange(num_new, device=start_B.device)
+        steps_T = torch.arange(num_new, device=start_B.device)
+        positions_BT = start_B[:, None] + steps_T
+        is_padding = steps_T[None, :] >= input_lengths_B.to(start_B.device)[:, None]
+        return positions_BT.masked_fill(is_padding, self.max_tokens)
 
     def write_and_read(
         self, layer: int, slots_B: torch.Tensor, positions_BT: torch.Tensor, k_BHTd: torch.Tensor, v_BHTd
@@ -57,6 +64,7 @@ class KVCache:
         rows = slots_B[:, None]
         self.k[layer][rows, :, positions_BT] = k_BHTd.transpose(1, 2).to(self.k.dtype)
         self.v[layer][rows, :, positions_BT] = v_BHTd.transpose(1, 2).to(self.v.dtype)
+        # Real tokens see keys up to their own position; padding rows (scratch position) see all, harmlessly.
         visible = int(positions_BT.max()) + 1
         return self.k[layer][slots_B, :, :visible], self.v[layer][slots_B, :, :visible]
 

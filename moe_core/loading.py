@@ -111,12 +111,8 @@ def fill_parameters(model: CausalLM, reader: TensorReader) -> None:
                 )
             else:
                 shape = (expert_size, param.shape[2])
-                param[local, :expert_size].copy_(
-                    _read(reader, expert_key(layer, e, "gate_proj"), shape, param.dtype)
-                )
-                param[local, expert_size:].copy_(
-                    _read(reader, expert_key(layer, e, "up_proj"), shape, param.dtype)
-                )
+                param[local, :expert_size].copy_(_read(reader, expert_key(layer, e, "gate_proj"), shape, param.dtype))
+                param[local, expert_size:].copy_(_read(reader, expert_key(layer, e, "up_proj"), shape, param.dtype))
 
 
 def _read(reader: TensorReader, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -152,9 +148,7 @@ def save_model(
     overwrite: bool = False,
 ) -> Path:
     """Write MODEL as an HF directory, atomically (a crash leaves nothing that looks complete)."""
-    if model.expert_placement.first != 0 or (
-        model.expert_placement.count not in (None, model.config.num_experts)
-    ):
+    if model.expert_placement.first != 0 or (model.expert_placement.count not in (None, model.config.num_experts)):
         raise ValueError("save_model needs a model that owns every expert; gather expert shards first")
     dtype = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype
     copy_files = []

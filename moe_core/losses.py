@@ -44,9 +44,7 @@ def routing_stats(logits_TE: torch.Tensor, top_k: int, mask_T: torch.Tensor | No
     return RoutingStats(counts_E, (probs_TE * weight_T[:, None]).sum(0), weight_T.sum())
 
 
-def pooled_stats(
-    logits_per_layer: list[torch.Tensor], top_k: int, mask_T: torch.Tensor | None = None
-) -> RoutingStats:
+def pooled_stats(logits_per_layer: list[torch.Tensor], top_k: int, mask_T: torch.Tensor | None = None) -> RoutingStats:
     stats = [routing_stats(logits, top_k, mask_T) for logits in logits_per_layer]
     total = stats[0]
     for s in stats[1:]:

@@ -204,7 +204,7 @@ class CausalLM(nn.Module):
             ctx_extra: dict = {}
         else:
             slots_B = torch.arange(b, device=device) if slots_B is None else slots_B.to(device)
-            positions_BT = cache.positions(slots_B, t)
+            positions_BT = cache.positions(slots_B, t, input_lengths_B)
             ctx_extra = dict(cache=cache, slots_B=slots_B, positions_BT=positions_BT)
 
         x = self.model.embed_tokens(input_ids_BT)

@@ -45,8 +45,15 @@ def run(name: str, args: argparse.Namespace) -> int:
         _stage(step, f"upmoe init --preset {preset} {model_dir}")
         run_init(
             argparse.Namespace(
-                out_dir=model_dir, preset=preset, seed=0, dtype="fp32", tokenizer=None, tokenizer_vocab=None,
-                max_shard_size=5 * 2**30, overwrite=True, json=False,
+                out_dir=model_dir,
+                preset=preset,
+                seed=0,
+                dtype="fp32",
+                tokenizer=None,
+                tokenizer_vocab=None,
+                max_shard_size=5 * 2**30,
+                overwrite=True,
+                json=False,
             )
         )
         model, tokenizer = load_model(model_dir), Tokenizer.from_dir(model_dir)

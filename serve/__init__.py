@@ -1,0 +1,1 @@
+"""Ray Serve OpenAI-compatible endpoint with expert-parallel replicas. Imports moe_core only."""

@@ -1,0 +1,1 @@
+"""Dense Qwen2 checkpoint -> fine-grained Qwen2-MoE checkpoint (pure split/init functions + a Ray job). Imports moe_core only."""
