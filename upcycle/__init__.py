@@ -1,1 +1,4 @@
-"""Dense Qwen2 checkpoint -> fine-grained Qwen2-MoE checkpoint (pure split/init functions + a Ray job). Imports moe_core only."""
+"""Dense Qwen2 checkpoint -> fine-grained Qwen2-MoE checkpoint: pure split/init functions and a Ray job.
+
+Imports moe_core only.
+"""
