@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from moe_core.fileutil import write_text_atomic
+
 __all__ = [
     "CONFIG_FILE",
     "INDEX_FILE",
@@ -143,13 +145,6 @@ def _json_text(obj: Any, name: str) -> str:
         return json.dumps(obj, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot serialize {name} to JSON: {e}") from None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + rename so readers never observe a half-written JSON file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,7 +605,7 @@ def write_safetensors_shards(
             "metadata": {"total_size": flusher.total_size},
             "weight_map": {key: names[shard_of[key]] for key in sorted(shard_of)},
         }
-        _write_text_atomic(out_dir / INDEX_FILE, _json_text(index, INDEX_FILE))
+        write_text_atomic(out_dir / INDEX_FILE, _json_text(index, INDEX_FILE))
     except BaseException:
         for p in flusher.temp_paths + final_paths:
             p.unlink(missing_ok=True)

@@ -15,12 +15,12 @@ CPython 3.10-3.13 and independent of ``PYTHONHASHSEED``, so the corpus is byte-i
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from moe_core.fileutil import write_text_atomic
 
 __all__ = ["DEFAULT_NUM_CHARS", "SPLIT_SEEDS", "embedded_corpus", "number_to_words", "write_embedded_corpus"]
 
@@ -604,18 +604,6 @@ def embedded_corpus(split: str = "train", num_chars: int | None = None) -> str:
     return "\n\n".join(docs) + "\n"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + ``os.replace`` so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_embedded_corpus(out_dir: str | Path) -> dict[str, Path]:
     """Write ``train.txt`` and ``eval.txt`` (default sizes) into ``out_dir`` and return their paths."""
     out = Path(out_dir)
@@ -623,6 +611,6 @@ def write_embedded_corpus(out_dir: str | Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for split in ("train", "eval"):
         path = out / f"{split}.txt"
-        _atomic_write_text(path, embedded_corpus(split))
+        write_text_atomic(path, embedded_corpus(split))
         paths[split] = path
     return paths

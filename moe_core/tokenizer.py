@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +26,8 @@ import jinja2.parser
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from moe_core.fileutil import write_text_atomic
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -442,18 +442,6 @@ def _special_tokens_map() -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file + ``os.replace`` so a concurrent reader never sees a half-written tokenizer."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
@@ -474,8 +462,8 @@ def train_bpe_tokenizer(
     tok.train_from_iterator(iter(texts), trainer=trainer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / TOKENIZER_FILE, tok.to_str(pretty=True) + "\n")
-    _atomic_write(out / TOKENIZER_CONFIG_FILE, _dump_json(_tokenizer_config(tok, model_max_length)))
-    _atomic_write(out / CHAT_TEMPLATE_FILE, CHATML_TEMPLATE)
-    _atomic_write(out / SPECIAL_TOKENS_MAP_FILE, _dump_json(_special_tokens_map()))
+    write_text_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True) + "\n")
+    write_text_atomic(out / TOKENIZER_CONFIG_FILE, _dump_json(_tokenizer_config(tok, model_max_length)))
+    write_text_atomic(out / CHAT_TEMPLATE_FILE, CHATML_TEMPLATE)
+    write_text_atomic(out / SPECIAL_TOKENS_MAP_FILE, _dump_json(_special_tokens_map()))
     return Tokenizer.from_dir(out)
