@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,10 @@ __all__ = [
     "dir_nbytes",
     "read_json",
     "save_hf_dir",
+    "file_sha256",
+    "shard_name",
+    "write_index",
+    "write_safetensors_file",
     "write_safetensors_shards",
 ]
 
@@ -597,15 +602,11 @@ def write_safetensors_shards(
         if not shard_of:
             raise CheckpointError(f"no tensors to write to {out_dir}")
         n = flusher.count
-        names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        names = [shard_name(k, n) for k in range(n)]
         for tmp, name in zip(flusher.temp_paths, names, strict=True):
             os.replace(tmp, out_dir / name)
             final_paths.append(out_dir / name)
-        index = {
-            "metadata": {"total_size": flusher.total_size},
-            "weight_map": {key: names[shard_of[key]] for key in sorted(shard_of)},
-        }
-        write_text_atomic(out_dir / INDEX_FILE, _json_text(index, INDEX_FILE))
+        index = write_index(out_dir, {key: names[shard_of[key]] for key in shard_of}, flusher.total_size)
     except BaseException:
         for p in flusher.temp_paths + final_paths:
             p.unlink(missing_ok=True)
@@ -755,3 +756,48 @@ def save_hf_dir(
         for name, text in extra_text.items():
             (tmp / name).write_text(text, encoding="utf-8")
     return out_dir
+
+
+def shard_name(k: int, n: int) -> str:
+    """HF's name for shard k (0-based) of n."""
+    return f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(out_dir: str | Path, weight_map: dict[str, str], total_size: int) -> dict:
+    """Write ``model.safetensors.index.json`` (keys sorted) and return it."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    write_text_atomic(Path(out_dir) / INDEX_FILE, _json_text(index, INDEX_FILE))
+    return index
+
+
+def write_safetensors_file(
+    path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+) -> int:
+    """Write one deterministic safetensors file (via a temp name + rename); returns its tensor bytes.
+
+    For writers that decide their own sharding, e.g. one shard per upcycling task.
+    """
+    path = Path(path)
+    if sys.byteorder != "little":
+        raise CheckpointError("safetensors is little-endian; writing from a big-endian host is not supported")
+    items = [(k, _prepare_tensor(k, t)) for k, t in tensors]
+    keys = [k for k, _ in items]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise CheckpointError(f"duplicate tensor keys for {path.name}: {', '.join(dup[:5])}")
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        _write_shard(tmp, items, {"format": "pt", **(metadata or {})})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return sum(_tensor_nbytes(t) for _, t in items)
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

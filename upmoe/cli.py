@@ -24,6 +24,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "init": Command("moe_core.cli", "create a randomly initialised model directory (config, weights, tokenizer)"),
     "eval": Command("moe_core.cli", "mean next-token cross-entropy of a model on a text file"),
+    "upcycle": Command("upcycle.cli", "turn a dense Qwen2/Llama checkpoint into a fine-grained Qwen2-MoE (Ray job)"),
     "bench": Command("bench.cli", "benchmarks that print side-by-side tables with ratios"),
     "demo": Command("upmoe.demo", "run the end-to-end demo on the embedded default model and corpus"),
 }
