@@ -7,6 +7,8 @@ import importlib
 
 BENCHMARKS = {
     "moe-layer": ("bench.moe_layer", "MoE block throughput: upmoe backends vs transformers' implementations"),
+    "upcycle-quality": ("bench.upcycle_quality", "step-0 loss, aux loss and router entropy of every init (debug)"),
+    "upcycle": ("bench.upcycle", "upcycle a random dense checkpoint vs copying the same bytes: time, GB/s, RSS"),
 }
 
 
