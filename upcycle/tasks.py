@@ -135,15 +135,16 @@ def layer_checks(
     kept = ffn.source_neuron >= 0
     copies_neurons = spec.init in (InitMethod.QWEN2, InitMethod.DROP_UPCYCLING) and ffn.reinit_mask is not None
     if bool(kept.any()) and copies_neurons:
-        # Every kept routed-expert neuron must equal a whole dense neuron (gate row, up row, down column).
+        # Every kept routed-expert neuron must equal a whole dense neuron (gate row, up row, down column),
+        # compared in the output dtype without widening (the check must stay cheap next to the conversion).
         num_shared = ffn.source_neuron.shape[0] - ffn.gate_up.shape[0]
         routed_src = ffn.source_neuron[num_shared:]
-        h = ffn.down.shape[2]
+        h, dtype = ffn.down.shape[2], ffn.gate_up.dtype
         mask = routed_src >= 0
         idx = routed_src[mask]
-        ok = torch.equal(ffn.gate_up[:, :h].float()[mask], gate.float()[idx].to(ffn.gate_up.dtype).float())
-        ok &= torch.equal(ffn.gate_up[:, h:].float()[mask], up.float()[idx].to(ffn.gate_up.dtype).float())
-        ok &= torch.equal(ffn.down.float().transpose(1, 2)[mask], down.float().T[idx].to(ffn.down.dtype).float())
+        ok = torch.equal(ffn.gate_up[:, :h][mask], gate[idx].to(dtype))
+        ok = ok and torch.equal(ffn.gate_up[:, h:][mask], up[idx].to(dtype))
+        ok = ok and torch.equal(ffn.down.transpose(1, 2)[mask], down.T[idx].to(dtype))
         checks["kept_neurons_equal_dense"] = bool(ok)
         checks["kept_fraction"] = float(kept.float().mean())
     return checks
