@@ -278,11 +278,38 @@ def _read_rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] 
     return theta, _normalise_scaling(as_read), "v4", copy.deepcopy(as_read)
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read MODEL_DIR/config.json (or a config.json path) with errors that name the file."""
+def llama_as_qwen2(raw: dict[str, Any], where: str) -> ModelConfig:
+    """A dense ``llama`` / ``mistral`` config as the Qwen2-shaped config it is, minus the QKV bias.
+
+    Both share Qwen2's layer structure (RMSNorm, GQA attention, SwiGLU MLP, rotate-half RoPE). The result
+    carries ``qkv_bias: false`` and ``converted_from`` in ``extra``; it can be read and run, never saved as is.
+    """
+    arch = raw.get("model_type")
+    if raw.get("mlp_bias"):
+        raise ConfigError(f"{where}: mlp_bias=true is not supported (Qwen2 MLPs are bias-free)")
+    if raw.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true gives o_proj a bias, which Qwen2 does not have")
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ("default", "linear", "yarn"):
+        raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (default, linear or yarn)")
+    as_qwen2 = {k: v for k, v in raw.items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    as_qwen2.update(model_type="qwen2", qkv_bias=False, converted_from=arch)
+    as_qwen2.pop("use_sliding_window", None)  # mistral's window is informational here: no sliding attention
+    return ModelConfig.from_hf_dict(as_qwen2, source=where)
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """Like ``load_config`` but also reads dense ``llama`` / ``mistral`` directories (as Qwen2 without bias)."""
     path = Path(model_dir)
-    if path.is_dir():
-        path = path / "config.json"
+    path = path / "config.json" if path.is_dir() else path
+    raw = _read_json_object(path)
+    if raw.get("model_type") in ("llama", "mistral"):
+        return llama_as_qwen2(raw, str(path))
+    return ModelConfig.from_hf_dict(raw, source=str(path))
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"missing config.json: {path} does not exist")
     try:
@@ -291,7 +318,15 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    return ModelConfig.from_hf_dict(raw, source=str(path))
+    return raw
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """Read MODEL_DIR/config.json (or a config.json path) with errors that name the file."""
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / "config.json"
+    return ModelConfig.from_hf_dict(_read_json_object(path), source=str(path))
 
 
 def save_config(config: ModelConfig, out_dir: str | Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moe_core.checkpoint_io import CheckpointError, TensorReader, save_hf_dir
-from moe_core.config import ModelConfig, load_config
+from moe_core.config import ModelConfig, read_model_config
 from moe_core.experts import ExpertBackend
 from moe_core.hf_keys import IGNORED_KEY, expected_hf_keys, expert_key, hf_tensors, stacked_param
 from moe_core.model import CausalLM
@@ -60,7 +60,7 @@ def load_model(
 ) -> CausalLM:
     """Build the model described by MODEL_DIR/config.json and fill it from the directory's safetensors."""
     model_dir = Path(model_dir)
-    cfg = config or load_config(model_dir)
+    cfg = config or read_model_config(model_dir)
     with torch.device("meta"):
         model = CausalLM(
             cfg, expert_backend=expert_backend, first_expert=first_expert, num_local_experts=num_local_experts
@@ -148,6 +148,11 @@ def save_model(
     overwrite: bool = False,
 ) -> Path:
     """Write MODEL as an HF directory, atomically (a crash leaves nothing that looks complete)."""
+    if "converted_from" in model.config.extra:
+        raise ValueError(
+            f"save_model writes Qwen2 checkpoints; this model was read from a {model.config.extra['converted_from']} "
+            "directory without QKV bias (upcycle it, or save it with transformers)"
+        )
     if model.expert_placement.first != 0 or (model.expert_placement.count not in (None, model.config.num_experts)):
         raise ValueError("save_model needs a model that owns every expert; gather expert shards first")
     dtype = parse_dtype(dtype) if dtype is not None else next(model.parameters()).dtype

@@ -66,7 +66,18 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts that make no sense are refused here, before Ray starts or anything is written."""
+    for flag in ("num_experts", "top_k", "expert_size", "vocab_size", "max_parallel", "layers_per_task"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.num_shared_experts is not None and args.num_shared_experts < 0:
+        raise ValueError(f"--num-shared-experts must be 0 or more, got {args.num_shared_experts}")
+
+
 def build_plan(args: argparse.Namespace, source: Source) -> Plan:
+    _check_counts(args)
     shape = resolve_shape(
         args.preset,
         num_experts=args.num_experts,

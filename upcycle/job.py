@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from moe_core.checkpoint_io import CheckpointError, TensorReader, file_sha256, write_index
 from moe_core.fileutil import write_text_atomic
-from moe_core.loading import TOKENIZER_FILES, config_with_dtype
+from moe_core.hf_keys import expected_hf_keys
+from moe_core.loading import TOKENIZER_FILES, check_keys, config_with_dtype
 from upcycle.plan import Plan
+from upcycle.recipe import InitMethod
 from upcycle.source import fingerprint
 from upcycle.tasks import ShardResult, Task, plan_tasks, run_task
 
@@ -160,6 +162,11 @@ def _finish(plan: Plan, options: JobOptions, part: Path, manifest: dict[str, Any
             raise UpcycleError(f"shard {task.file} ({task.label}) is missing or fails its checksum in {part}")
         weight_map.update({k: task.file for k in record["keys"]})
         total += sum(_tensor_bytes(part / task.file))
+    missing = expected_hf_keys(plan.target) - set(weight_map)
+    if missing:
+        raise UpcycleError(
+            f"the output lacks {len(missing)} tensor(s) of the target config, e.g. {sorted(missing)[:3]}"
+        )
     write_index(part, weight_map, total)
     write_text_atomic(part / "config.json", config_with_dtype(plan.target, options.dtype).to_json())
     if plan.source.path is not None:
@@ -198,6 +205,10 @@ def _publish(part: Path, out: Path) -> None:
 def run_upcycle(plan: Plan, options: JobOptions) -> dict[str, Any]:
     """Run the whole job; returns the report (also written to OUT_DIR/upcycle_report.json)."""
     t0 = time.perf_counter()
+    if plan.source.path is not None and plan.spec.init is not InitMethod.RANDOM:
+        # Every tensor the tasks will read must be there: fail now, not inside a remote task.
+        with TensorReader(plan.source.path) as reader:
+            check_keys(reader, plan.source.config, plan.source.path)
     fp = fingerprint(plan.source)
     part, manifest = _prepare_partial(plan, options, fp)
     _check_disk(part.parent, output_bytes(plan, options.dtype))

@@ -2,7 +2,7 @@
 
 All three share Qwen2's layer structure (RMSNorm, GQA attention, SwiGLU MLP, rotate-half RoPE); llama and
 mistral have no QKV bias, which upcycling turns into zero biases. The source is described by a dense
-``ModelConfig`` (``qkv_bias`` recorded in ``extra``) so the rest of the job has one shape vocabulary.
+``ModelConfig`` (``moe_core.config.llama_as_qwen2``) so the rest of the job has one shape vocabulary.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_core.checkpoint_io import TensorReader, read_json
-from moe_core.config import DENSE_COMPATIBLE_TYPES, ConfigError, ModelConfig
+from moe_core.config import DENSE_COMPATIBLE_TYPES, ConfigError, ModelConfig, llama_as_qwen2
 
 
 @dataclass(frozen=True)
@@ -40,21 +40,7 @@ def source_config(raw: dict[str, Any], where: str) -> tuple[str, ModelConfig]:
         )
     if arch == "qwen2":
         return arch, ModelConfig.from_hf_dict(raw, source=where)
-    if raw.get("mlp_bias"):
-        raise ConfigError(f"{where}: mlp_bias=true cannot be represented in Qwen2-MoE experts (bias-free)")
-    if raw.get("attention_bias"):
-        raise ConfigError(f"{where}: attention_bias=true gives o_proj a bias, which Qwen2-MoE does not have")
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind not in ("default", "linear", "yarn"):
-        raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (default, linear or yarn)")
-    as_qwen2 = {k: v for k, v in raw.items() if k not in ("attention_bias", "mlp_bias", "pretraining_tp")}
-    as_qwen2["model_type"] = "qwen2"
-    as_qwen2["qkv_bias"] = False  # read by ModelConfig.qkv_bias; zero biases are written on upcycling
-    if arch == "mistral" and raw.get("sliding_window"):
-        as_qwen2["sliding_window"] = raw["sliding_window"]  # informational: the MoE attends to everything
-    as_qwen2.pop("use_sliding_window", None)
-    return arch, ModelConfig.from_hf_dict(as_qwen2, source=where)
+    return arch, llama_as_qwen2(raw, where)
 
 
 def read_source(source_dir: str | Path) -> Source:
