@@ -501,7 +501,9 @@ def _shard_header(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str
     return raw
 
 
-def _write_shard(path: Path, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+def _write_shard(
+    path: Path, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str], digest: Any = None
+) -> None:
     """Write one safetensors file, streaming tensor bytes straight from tensor memory.
 
     Data is laid out by descending element size, then name (the order safetensors' own writer
@@ -510,11 +512,17 @@ def _write_shard(path: Path, items: list[tuple[str, torch.Tensor]], metadata: di
     """
     items = sorted(items, key=lambda kv: (-kv[1].element_size(), kv[0]))
     header = _shard_header(items, metadata)
+    chunks = [struct.pack("<Q", len(header)), header]
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
+        for chunk in chunks:
+            f.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
         for _, tensor in items:
-            f.write(_tensor_buffer(tensor))
+            buffer = _tensor_buffer(tensor)
+            f.write(buffer)
+            if digest is not None:
+                digest.update(buffer)
 
 
 def _check_writer_args(out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None) -> dict[str, str]:
@@ -771,11 +779,15 @@ def write_index(out_dir: str | Path, weight_map: dict[str, str], total_size: int
 
 
 def write_safetensors_file(
-    path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
+    path: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+    digest: Any = None,
 ) -> int:
     """Write one deterministic safetensors file (via a temp name + rename); returns its tensor bytes.
 
-    For writers that decide their own sharding, e.g. one shard per upcycling task.
+    For writers that decide their own sharding, e.g. one shard per upcycling task. ``digest`` (a hashlib
+    object) is fed the file's bytes as they are written, which saves reading the file back to checksum it.
     """
     path = Path(path)
     if sys.byteorder != "little":
@@ -787,7 +799,7 @@ def write_safetensors_file(
         raise CheckpointError(f"duplicate tensor keys for {path.name}: {', '.join(dup[:5])}")
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        _write_shard(tmp, items, {"format": "pt", **(metadata or {})})
+        _write_shard(tmp, items, {"format": "pt", **(metadata or {})}, digest)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

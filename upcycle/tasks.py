@@ -7,6 +7,7 @@ memory is about one dense layer plus one MoE layer (computed in fp32).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -16,10 +17,12 @@ from typing import Any
 
 import torch
 
-from moe_core.checkpoint_io import TensorReader, file_sha256, write_safetensors_file
+from moe_core.checkpoint_io import TensorReader, write_safetensors_file
 from moe_core.config import ModelConfig
 from moe_core.hf_keys import expert_key
 from upcycle.recipe import InitMethod, UpcycledFFN, UpcycleSpec, layer_generator, upcycle_ffn
+
+CHECKED_EXPERTS = 8  # routed experts per layer whose kept neurons are compared with the dense FFN
 
 
 @dataclass(frozen=True)
@@ -140,11 +143,14 @@ def layer_checks(
         num_shared = ffn.source_neuron.shape[0] - ffn.gate_up.shape[0]
         routed_src = ffn.source_neuron[num_shared:]
         h, dtype = ffn.down.shape[2], ffn.gate_up.dtype
-        mask = routed_src >= 0
-        idx = routed_src[mask]
-        ok = torch.equal(ffn.gate_up[:, :h][mask], gate[idx].to(dtype))
-        ok = ok and torch.equal(ffn.gate_up[:, h:][mask], up[idx].to(dtype))
-        ok = ok and torch.equal(ffn.down.transpose(1, 2)[mask], down.T[idx].to(dtype))
+        # A fixed sample of experts keeps this a small share of the task's time; the tests check them all.
+        sample = torch.linspace(0, routed_src.shape[0] - 1, min(CHECKED_EXPERTS, routed_src.shape[0])).long()
+        gate_up, down_out = ffn.gate_up[sample], ffn.down[sample]
+        mask = routed_src[sample] >= 0
+        idx = routed_src[sample][mask]
+        ok = torch.equal(gate_up[:, :h][mask], gate[idx].to(dtype))
+        ok = ok and torch.equal(gate_up[:, h:][mask], up[idx].to(dtype))
+        ok = ok and torch.equal(down_out.transpose(1, 2)[mask], down.T[idx].to(dtype))
         checks["kept_neurons_equal_dense"] = bool(ok)
         checks["kept_fraction"] = float(kept.float().mean())
     return checks
@@ -189,12 +195,13 @@ def run_task(
         if reader is not None:
             reader.close()
     path = Path(out_dir) / task.file
-    write_safetensors_file(path, items, metadata={"upmoe_task": task.label})
+    digest = hashlib.sha256()
+    write_safetensors_file(path, items, metadata={"upmoe_task": task.label}, digest=digest)
     return ShardResult(
         file=task.file,
         keys=sorted(k for k, _ in items),
         bytes=path.stat().st_size,
-        sha256=file_sha256(path),
+        sha256=digest.hexdigest(),
         seconds=time.perf_counter() - start,
         checks=checks,
     )
