@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"upmoe {name}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing files, refused connections
         if os.environ.get("UPMOE_DEBUG"):
             raise
         print(f"upmoe {name}: error: {e}", file=sys.stderr)

@@ -157,3 +157,16 @@ def test_vocab_size_zero_is_refused(debug_dense: Path) -> None:
 def test_layers_per_task_zero_is_refused_clearly(debug_dense: Path, tmp_path: Path) -> None:
     err = _refused(debug_dense, tmp_path / "out", "--layers-per-task", "0")
     assert "layers-per-task" in err or "layers_per_task" in err
+
+
+def test_no_disk_space_is_refused_before_any_task(debug_dense: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from upmoe.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    assert main(["upcycle", str(debug_dense), str(out), "--no-progress", "--eval-tokens", "0"]) == 1
+    assert not out.exists()
