@@ -1,0 +1,171 @@
+"""Expert parallelism: process-group layout and the all-to-all dispatcher that plugs into ``moe_core.moe.MoE``.
+
+Shape legend: T local tokens, K top-k, S = T·K local slots, D hidden, E experts, R = EP ranks,
+E_l = E / R experts per rank; rank r owns experts [r·E_l, (r+1)·E_l).
+
+Forward of one MoE layer on every rank of an EP group:
+    route -> sort slots by expert (= by destination rank) -> all_to_all the per-expert counts
+    -> all_to_all_single the tokens (uneven splits, autograd) -> regroup received tokens by local expert
+    -> grouped expert compute -> undo the regrouping -> reverse all_to_all -> unsort, weight and sum.
+The model code is unchanged: ``install_expert_parallel`` swaps each MoE block's dispatcher.
+
+Gradient scaling (DESIGN §6): with each rank's loss a mean over its own tokens and the global loss their
+mean over the W data-parallel ranks, a non-expert gradient is the mean over W of the ranks' gradients, and
+an expert's gradient — already summed over its EP group by the all-to-all's backward — is summed over its
+expert-data-parallel group (the ranks holding the same experts) and divided by W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from moe_core.experts import Experts
+from moe_core.model import CausalLM
+from moe_core.moe import MoE
+from moe_core.permute import combine_slots, counts_per_rank, gather_slots, inverse_permutation, sort_slots_by_expert
+
+
+class ParallelLayoutError(ValueError):
+    """EP does not fit the world size or the expert count."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """World = DP × EP with EP groups of consecutive ranks (so an EP group stays inside a node first)."""
+
+    world_size: int
+    ep_size: int
+    num_experts: int
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1 or self.world_size % self.ep_size:
+            raise ParallelLayoutError(f"EP size {self.ep_size} must divide the world size {self.world_size}")
+        if self.num_experts % self.ep_size:
+            raise ParallelLayoutError(f"EP size {self.ep_size} must divide the routed expert count {self.num_experts}")
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.ep_size
+
+    def ep_group_ranks(self, rank: int) -> list[int]:
+        start = rank // self.ep_size * self.ep_size
+        return list(range(start, start + self.ep_size))
+
+    def expert_dp_group_ranks(self, rank: int) -> list[int]:
+        """Ranks holding the same experts as ``rank`` (same position in their EP groups)."""
+        return list(range(rank % self.ep_size, self.world_size, self.ep_size))
+
+    def first_expert(self, rank: int) -> int:
+        return rank % self.ep_size * self.experts_per_rank
+
+
+@dataclass
+class ProcessGroups:
+    layout: ParallelLayout
+    rank: int
+    ep: Any  # the EP group this rank belongs to
+    expert_dp: Any  # the ranks sharing this rank's experts
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.layout.ep_size
+
+
+def build_process_groups(layout: ParallelLayout) -> ProcessGroups:
+    """Create every EP and expert-DP group (collective: all ranks call this in the same order)."""
+    rank = dist.get_rank()
+    ep_groups = {}
+    for start in range(0, layout.world_size, layout.ep_size):
+        ranks = list(range(start, start + layout.ep_size))
+        ep_groups[tuple(ranks)] = dist.new_group(ranks)
+    dp_groups = {}
+    for first in range(layout.ep_size):
+        ranks = list(range(first, layout.world_size, layout.ep_size))
+        dp_groups[tuple(ranks)] = dist.new_group(ranks)
+    return ProcessGroups(
+        layout=layout,
+        rank=rank,
+        ep=ep_groups[tuple(layout.ep_group_ranks(rank))],
+        expert_dp=dp_groups[tuple(layout.expert_dp_group_ranks(rank))],
+    )
+
+
+@dataclass
+class _DispatchState:
+    order_S: torch.Tensor  # local slots in expert order
+    send_R: list[int]  # slots sent to each EP rank
+    recv_R: list[int]  # slots received from each EP rank
+    regroup: torch.Tensor  # received rows -> grouped by local expert
+
+
+class AllToAllDispatcher:
+    """Dropless token dispatch across an EP group with uneven splits; differentiable end to end."""
+
+    def __init__(self, group: Any, ep_size: int) -> None:
+        self.group = group
+        self.ep_size = ep_size
+
+    def dispatch(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, experts: Experts
+    ) -> tuple[torch.Tensor, torch.Tensor, _DispatchState]:
+        order_S, counts_E = sort_slots_by_expert(experts_TK, experts.num_experts)
+        x_SD = gather_slots(x_TD, order_S, experts_TK.shape[1])
+        # How many slots this rank sends to each (rank, local expert); the transpose of it arrives here.
+        send_RE = counts_E.view(self.ep_size, -1).contiguous()
+        recv_RE = torch.empty_like(send_RE)
+        dist.all_to_all_single(recv_RE, send_RE, group=self.group)
+        send_R = counts_per_rank(counts_E, self.ep_size).tolist()
+        recv_R = recv_RE.sum(dim=1).tolist()
+        x_recv = dist_fn.all_to_all_single(
+            x_SD.new_empty(sum(recv_R), x_SD.shape[1]), x_SD, recv_R, send_R, group=self.group
+        )
+        # Received rows are grouped by source rank, then local expert; the experts want them by expert.
+        source_of_row = torch.repeat_interleave(torch.arange(recv_RE.numel()), recv_RE.reshape(-1))
+        expert_of_row = source_of_row % recv_RE.shape[1]
+        regroup = torch.argsort(expert_of_row, stable=True)
+        state = _DispatchState(order_S, send_R, recv_R, regroup)
+        return x_recv.index_select(0, regroup), recv_RE.sum(dim=0), state
+
+    def combine(self, y_local: torch.Tensor, state: _DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
+        y_recv = y_local.index_select(0, inverse_permutation(state.regroup))
+        y_SD = dist_fn.all_to_all_single(
+            y_recv.new_empty(sum(state.send_R), y_recv.shape[1]), y_recv, state.send_R, state.recv_R, group=self.group
+        )
+        return combine_slots(y_SD, state.order_S, weights_TK)
+
+
+def install_expert_parallel(model: CausalLM, groups: ProcessGroups) -> None:
+    """Point every MoE block at the all-to-all dispatcher (the model must own this rank's experts)."""
+    first = groups.layout.first_expert(groups.rank)
+    for moe in model.moe_layers():
+        assert isinstance(moe, MoE)
+        if moe.experts.first_expert != first or moe.experts.num_local != groups.layout.experts_per_rank:
+            raise ParallelLayoutError(
+                f"rank {groups.rank} must own experts {first}..{first + groups.layout.experts_per_rank - 1}; "
+                f"the model owns {moe.experts.first_expert}..{moe.experts.first_expert + moe.experts.num_local - 1}"
+            )
+        moe.dispatcher = AllToAllDispatcher(groups.ep, groups.layout.ep_size)
+
+
+def is_expert_param(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+@torch.no_grad()
+def reduce_gradients(model: torch.nn.Module, groups: ProcessGroups) -> None:
+    """Average gradients for a global loss = mean of the ranks' losses (see the module docstring)."""
+    world = groups.layout.world_size
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if is_expert_param(name):
+            if groups.layout.world_size > groups.layout.ep_size:
+                dist.all_reduce(p.grad, group=groups.expert_dp)
+        else:
+            dist.all_reduce(p.grad)
+        p.grad.div_(world)
