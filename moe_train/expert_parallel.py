@@ -169,3 +169,31 @@ def reduce_gradients(model: torch.nn.Module, groups: ProcessGroups) -> None:
         else:
             dist.all_reduce(p.grad)
         p.grad.div_(world)
+
+
+@torch.no_grad()
+def clip_gradients(model: torch.nn.Module, groups: ProcessGroups | None, max_norm: float) -> float:
+    """Clip to a global norm that counts every expert once: the same value on every rank and as with EP=1.
+
+    Non-expert gradients are identical on all ranks after reduction; expert gradients differ per EP rank, so
+    their squared norms are summed over the EP group.
+    """
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    expert_sq = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = p.grad.double().pow(2).sum()
+        if is_expert_param(name):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if groups is not None and groups.layout.ep_size > 1:
+        dist.all_reduce(expert_sq, group=groups.ep)
+    norm = float((dense_sq + expert_sq).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm

@@ -25,6 +25,8 @@ COMMANDS: dict[str, Command] = {
     "init": Command("moe_core.cli", "create a randomly initialised model directory (config, weights, tokenizer)"),
     "eval": Command("moe_core.cli", "mean next-token cross-entropy of a model on a text file"),
     "upcycle": Command("upcycle.cli", "turn a dense Qwen2/Llama checkpoint into a fine-grained Qwen2-MoE (Ray job)"),
+    "train": Command("moe_train.cli", "continue pretraining with Ray Train and expert parallelism (in progress)"),
+    "export": Command("moe_train.cli", "gather a training run's checkpoint into an HF directory"),
     "bench": Command("bench.cli", "benchmarks that print side-by-side tables with ratios"),
     "demo": Command("upmoe.demo", "run the end-to-end demo on the embedded default model and corpus"),
 }

@@ -1,0 +1,85 @@
+"""``upmoe train`` and ``upmoe export``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from moe_train.config import AuxLoss, load_train_config
+
+
+def configure(name: str, p: argparse.ArgumentParser) -> None:
+    {"train": _configure_train, "export": _configure_export}[name](p)
+
+
+def run(name: str, args: argparse.Namespace) -> int:
+    return {"train": run_train, "export": run_export}[name](args)
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Continue pretraining a qwen2 / qwen2_moe checkpoint with Ray Train: expert parallelism over --ep ranks "
+        "(all-to-all dispatch), load-balancing loss, checkpoints in RUN_DIR. Re-running the same command "
+        "continues from the latest checkpoint. Options can also come from --config train.yaml (flags win)."
+    )
+    p.add_argument("--model", help="HF model directory to start from")
+    p.add_argument(
+        "--data",
+        help="PATH[,PATH...]: text, jsonl (a text field) or parquet files, dirs, globs; "
+        "'embedded' for the built-in corpus",
+    )
+    p.add_argument("--out", help="RUN_DIR: metrics.jsonl, loss.png, checkpoints")
+    p.add_argument("--config", type=Path, help="YAML file with any of these options")
+    p.add_argument("--eval-data", help="held-out data (same forms as --data)")
+    p.add_argument("--workers", type=int, help="training workers (default 1)")
+    p.add_argument("--ep", type=int, help="expert-parallel size; must divide --workers and the expert count")
+    p.add_argument("--gpus-per-worker", type=int, choices=[0, 1], help="1 on GPU clusters")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096)")
+    p.add_argument("--micro-batch", type=int, help="sequences per micro-batch per worker (default 1)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    p.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default 0.1)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 0)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help="global gradient-norm clip (default 1.0)")
+    p.add_argument("--aux-loss", choices=[a.value for a in AuxLoss], help="load-balancing loss (default switch)")
+    p.add_argument("--aux-coef", type=float, help="load-balancing loss coefficient (default 0.001)")
+    p.add_argument("--z-loss-coef", type=float, help="router z-loss coefficient (default 0)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only none)")
+    p.add_argument("--max-failures", type=int, help="automatic restarts after a worker failure (default 0)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from moe_train.trainer import run_training
+
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "json")}
+    cfg = load_train_config(args.config, options)
+    summary = run_training(cfg)
+    print(
+        f"trained {summary['steps']} steps: final LM loss {summary['final_loss']:.4f}, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; run dir {cfg.out}"
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.description = "Gather a training run's sharded checkpoint into an HF directory transformers and upmoe load."
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from moe_train.export import export_run
+
+    path = export_run(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} -> {path}")
+    return 0

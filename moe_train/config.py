@@ -1,0 +1,87 @@
+"""Training options: one typed config, filled from defaults, then a YAML file, then command-line flags.
+
+Defaults follow the Qwen2 report's pretraining settings: AdamW β=(0.9, 0.95), ε=1e-8, cosine decay to 10 %
+of the peak learning rate, weight decay 0.1, gradient clipping 1.0; fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class AuxLoss(str, Enum):
+    SWITCH = "switch"  # per micro-batch
+    GLOBAL = "global"  # expert counts all-reduced over the data-parallel group first
+    NONE = "none"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: str
+    data: str
+    out: str
+    eval_data: str | None = None
+    workers: int = 1
+    ep: int = 1
+    gpus_per_worker: int = 0
+    steps: int = 100
+    seq_len: int = 4096
+    micro_batch: int = 1
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 0
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    aux_loss: AuxLoss = AuxLoss.SWITCH
+    aux_coef: float = 0.001
+    z_loss_coef: float = 0.0
+    checkpoint_every: int = 0
+    max_failures: int = 0
+    seed: int = 0
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        self.aux_loss = AuxLoss(self.aux_loss)
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        for name in ("workers", "ep", "steps", "seq_len", "micro_batch", "grad_accum"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        need(self.workers % self.ep == 0, f"--ep {self.ep} must divide --workers {self.workers}")
+        need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be positive and --min-lr-ratio in [0, 1]")
+        need(self.warmup >= 0 and self.checkpoint_every >= 0, "--warmup and --checkpoint-every must be >= 0")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["aux_loss"] = self.aux_loss.value
+        return out
+
+
+def load_train_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """YAML values, then every override that is not None."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of option names to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+    missing = [k for k in ("model", "data", "out") if k not in values]
+    if missing:
+        raise ValueError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,189 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Each rank loads only its own experts (lazy per-tensor reads), swaps in the all-to-all dispatcher, and trains
+on its deterministic share of every global batch. Gradients are reduced as ``expert_parallel`` explains;
+the optimizer is AdamW with linear warm-up and cosine decay. Every ``checkpoint_every`` steps each rank
+writes its own shard (weights it holds, optimizer state, step) and all ranks report it together, so a
+restarted run continues from the latest checkpoint at the same data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_core.config import read_model_config
+from moe_core.loading import load_model
+from moe_core.losses import global_load_balancing_loss, load_balancing_loss, pooled_stats, router_z_loss
+from moe_core.model import CausalLM, next_token_loss
+from moe_train.config import AuxLoss, TrainConfig
+from moe_train.expert_parallel import (
+    ParallelLayout,
+    build_process_groups,
+    clip_gradients,
+    install_expert_parallel,
+    reduce_gradients,
+)
+
+RANK_FILE = "rank{rank}.pt"
+META_FILE = "meta.json"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine from lr down to min_lr_ratio·lr at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def build_rank_model(cfg: TrainConfig, rank: int, world: int) -> tuple[CausalLM, Any]:
+    probe = read_model_config(cfg.model)
+    if not probe.is_moe:
+        return load_model(cfg.model).train(), None
+    layout = ParallelLayout(world_size=world, ep_size=cfg.ep, num_experts=probe.num_experts)
+    groups = build_process_groups(layout)
+    model = load_model(
+        cfg.model, first_expert=layout.first_expert(rank), num_local_experts=layout.experts_per_rank
+    ).train()
+    if layout.ep_size > 1:
+        install_expert_parallel(model, groups)
+    return model, groups
+
+
+def reduce_dense_gradients(model: torch.nn.Module, world: int) -> None:
+    for p in model.parameters():
+        if p.grad is not None and world > 1:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def global_aux_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Load balance over the global batch: expert counts summed over every data-parallel rank first.
+
+    With the ranks' gradients averaged afterwards this equals the Switch loss of the whole global batch, in
+    value and gradient, however the batch is split across ranks.
+    """
+    stats = pooled_stats(router_logits, top_k)
+    counts, tokens = stats.counts_E.clone(), stats.num_tokens.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+        dist.all_reduce(tokens)
+    return global_load_balancing_loss(router_logits, top_k, counts, tokens)
+
+
+def micro_batch_loss(model: CausalLM, ids: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    out = model(ids)
+    lm = next_token_loss(out.logits, ids)
+    loss, parts = lm, {"lm_loss": float(lm)}
+    if out.routings and cfg.aux_loss is not AuxLoss.NONE:
+        top_k = model.config.num_experts_per_tok
+        if cfg.aux_loss is AuxLoss.GLOBAL:
+            aux = global_aux_loss(out.router_logits, top_k)
+        else:
+            aux = load_balancing_loss(out.router_logits, top_k)
+        loss = loss + cfg.aux_coef * aux
+        parts["aux_loss"] = float(aux)
+    if out.routings and cfg.z_loss_coef > 0:
+        z = router_z_loss(out.router_logits)
+        loss = loss + cfg.z_loss_coef * z
+        parts["z_loss"] = float(z)
+    return loss, parts
+
+
+def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    """The global-batch mean of per-rank metrics (every rank holds the same number of tokens)."""
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def save_rank_checkpoint(directory: Path, rank: int, model: torch.nn.Module, opt: Any, step: int) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    torch.save(state, directory / RANK_FILE.format(rank=rank))
+    if rank == 0:
+        (directory / META_FILE).write_text(json.dumps({"step": step}))
+
+
+def load_rank_checkpoint(directory: Path, rank: int, model: torch.nn.Module, opt: Any) -> int:
+    state = torch.load(directory / RANK_FILE.format(rank=rank), weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from moe_train.data import rank_batches
+
+    cfg = TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    model, groups = build_rank_model(cfg, rank, world)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = load_rank_checkpoint(Path(d), rank, model, opt)
+    blocks = torch.load(config["blocks_path"])
+    batches = rank_batches(
+        blocks,
+        dp_rank=rank,
+        dp_size=world,
+        micro_batch=cfg.micro_batch,
+        grad_accum=cfg.grad_accum,
+        seed=cfg.seed,
+        start_step=start,
+    )
+    metrics_path = Path(cfg.out) / "metrics.jsonl"
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        micro_batches = next(batches)
+        for ids in micro_batches:
+            loss, p = micro_batch_loss(model, ids, cfg)
+            (loss / len(micro_batches)).backward()
+            parts = {k: parts.get(k, 0.0) + v / len(micro_batches) for k, v in p.items()}
+        if groups is not None:
+            reduce_gradients(model, groups)
+        else:
+            reduce_dense_gradients(model, world)
+        grad_norm = clip_gradients(model, groups, cfg.grad_clip)
+        parts = mean_over_ranks(parts, world)
+        opt.step()
+        tokens = world * sum(ids.numel() for ids in micro_batches)
+        metrics = {
+            "step": step + 1,
+            "lr": lr_at(step, cfg),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            **parts,
+        }
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            with tempfile.TemporaryDirectory() as tmp:
+                save_rank_checkpoint(Path(tmp), rank, model, opt, step + 1)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)

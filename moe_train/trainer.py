@@ -1,0 +1,107 @@
+"""The driver side of ``upmoe train``: prepare data, validate, and run Ray Train's TorchTrainer.
+
+RUN_DIR holds ``data/blocks.pt`` (the packed token blocks every worker reads), ``metrics.jsonl`` (one line
+per step, rank 0), ``loss.png`` and ``ray/`` (Ray Train's storage: checkpoints). Re-running the same command
+with the same RUN_DIR continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_core.config import read_model_config
+from moe_core.params import count_parameters
+from moe_train.config import TrainConfig
+from moe_train.expert_parallel import ParallelLayout
+
+RUN_NAME = "upmoe-train"
+
+
+def validate_before_start(cfg: TrainConfig) -> None:
+    """Everything that can be wrong with the inputs, checked before any worker starts."""
+    model_dir = Path(cfg.model)
+    model_cfg = read_model_config(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        raise ValueError(f"--model {model_dir} has no *.safetensors weights")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings ({model_cfg.max_position_embeddings})"
+        )
+    if model_cfg.is_moe:
+        ParallelLayout(world_size=cfg.workers, ep_size=cfg.ep, num_experts=model_cfg.num_experts)
+    elif cfg.ep != 1:
+        raise ValueError(f"--ep {cfg.ep} needs a MoE model; {model_dir} is dense")
+
+
+def prepare_blocks(cfg: TrainConfig) -> Path:
+    from moe_train.data import build_blocks
+
+    blocks = build_blocks(cfg.data, cfg.model, cfg.seq_len, eval_spec=cfg.eval_data, seed=cfg.seed)
+    path = Path(cfg.out) / "data" / "blocks.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blocks.train, path)
+    return path
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from moe_train.loop import train_loop_per_worker
+
+    validate_before_start(cfg)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(out)
+    (out / "train_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
+    if not ray.is_initialized():  # before Ray Data, which would otherwise start a local Ray of its own
+        ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
+    blocks_path = prepare_blocks(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.as_dict(), "blocks_path": str(blocks_path)},
+        # PACK keeps consecutive ranks (one EP group) on one node where they fit.
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, placement_strategy="PACK"
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(out / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    write_loss_curve(metrics, out / "loss.png")
+    model_cfg = read_model_config(cfg.model)
+    last = metrics[-1]
+    return {
+        "final_loss": last.get("lm_loss"),
+        "steps": last["step"],
+        "tokens": cfg.workers * cfg.micro_batch * cfg.grad_accum * cfg.seq_len * last["step"],
+        "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[-5:]) / len(metrics[-5:]),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "params_activated": count_parameters(model_cfg).activated,
+    }
+
+
+def write_loss_curve(metrics: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([m["step"] for m in metrics], [m["lm_loss"] for m in metrics], label="LM loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
