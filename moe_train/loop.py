@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +110,25 @@ def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """On a restart, forget the metrics of steps after the checkpoint: they are about to be redone."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def maybe_fail(spec: dict[str, Any] | None, step: int, rank: int) -> None:
+    """Failure injection for the recovery test: kill this worker once, at (step, rank)."""
+    if not spec or spec["step"] != step or spec["rank"] != rank:
+        return
+    marker = Path(spec["marker"])
+    if marker.exists():
+        return
+    marker.write_text("failed once\n")
+    os._exit(1)
+
+
 def save_rank_checkpoint(directory: Path, rank: int, model: torch.nn.Module, opt: Any, step: int) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
     torch.save(state, directory / RANK_FILE.format(rank=rank))
@@ -152,7 +172,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_step=start,
     )
     metrics_path = Path(cfg.out) / "metrics.jsonl"
+    if rank == 0:
+        truncate_metrics(metrics_path, start)
     for step in range(start, cfg.steps):
+        maybe_fail(config.get("inject_failure"), step, rank)
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)

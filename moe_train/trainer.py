@@ -47,7 +47,8 @@ def prepare_blocks(cfg: TrainConfig) -> Path:
     return path
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train; ``inject_failure`` ({"step", "rank", "marker"}) kills one worker once, for recovery tests."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -64,7 +65,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     blocks_path = prepare_blocks(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.as_dict(), "blocks_path": str(blocks_path)},
+        train_loop_config={"train": cfg.as_dict(), "blocks_path": str(blocks_path), "inject_failure": inject_failure},
         # PACK keeps consecutive ranks (one EP group) on one node where they fit.
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, placement_strategy="PACK"

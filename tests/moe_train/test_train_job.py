@@ -80,3 +80,38 @@ def test_bad_input_is_refused_before_workers_start(moe_dir: Path, tmp_path: Path
     assert "max_position_embeddings" in capsys.readouterr().err
     assert main(["train", "--model", str(tmp_path), "--data", "embedded", "--out", str(tmp_path / "r")]) == 1
     assert "config.json" in capsys.readouterr().err
+
+
+def test_killed_worker_recovers_to_the_same_weights(ray_local, moe_dir: Path, tmp_path: Path) -> None:
+    from moe_core.checkpoint_io import TensorReader
+    from moe_train.config import load_train_config
+    from moe_train.export import export_run
+    from moe_train.trainer import run_training
+
+    def train(out: Path, failure: dict | None) -> Path:
+        options = {
+            "model": str(moe_dir),
+            "data": "embedded",
+            "out": str(out),
+            "workers": 2,
+            "ep": 2,
+            "steps": 6,
+            "seq_len": 64,
+            "micro_batch": 2,
+            "lr": 3e-3,
+            "checkpoint_every": 2,
+            "max_failures": 1,
+        }
+        run_training(load_train_config(None, options), inject_failure=failure)
+        return export_run(out, out / "exported")
+
+    clean = train(tmp_path / "clean", None)
+    marker = tmp_path / "failed.marker"
+    recovered = train(tmp_path / "killed", {"step": 4, "rank": 1, "marker": str(marker)})
+    assert marker.exists()  # the worker really died at step 5 (0-based 4), after the step-4 checkpoint
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with TensorReader(clean) as a, TensorReader(recovered) as b:
+        assert a.keys() == b.keys()
+        for key in a.keys():
+            assert torch.equal(a.get(key), b.get(key)), key
