@@ -47,8 +47,17 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-loss", choices=[a.value for a in AuxLoss], help="load-balancing loss (default switch)")
     p.add_argument("--aux-coef", type=float, help="load-balancing loss coefficient (default 0.001)")
     p.add_argument("--z-loss-coef", type=float, help="router z-loss coefficient (default 0)")
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only none)")
+    p.add_argument("--aux-free-bias-rate", type=float, help="auxiliary-loss-free balancing step γ (default 0: off)")
+    p.add_argument("--expert-backend", choices=["eager", "grouped", "megablocks"], help="expert kernels")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute layers in backward")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 0: never)")
     p.add_argument("--max-failures", type=int, help="automatic restarts after a worker failure (default 0)")
+    p.add_argument("--wandb-project", help="W&B project (default upmoe)")
+    p.add_argument(
+        "--wandb-mode", choices=["online", "offline", "disabled"], help="default: online iff WANDB_API_KEY is set"
+    )
+    p.add_argument("--heatmap-every", type=int, help="steps between expert-load heatmaps (default 50, 0: never)")
+    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for the MFU estimate")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

@@ -41,7 +41,14 @@ class TrainConfig:
     aux_loss: AuxLoss = AuxLoss.SWITCH
     aux_coef: float = 0.001
     z_loss_coef: float = 0.0
+    aux_free_bias_rate: float = 0.0  # DeepSeek-V3's auxiliary-loss-free balancing: bias step γ per optimizer step
+    expert_backend: str | None = None  # eager | grouped | megablocks (default: grouped)
+    activation_checkpointing: bool = False
     checkpoint_every: int = 0
+    heatmap_every: int = 50  # steps between expert-load heatmap images (0: never)
+    wandb_project: str | None = None
+    wandb_mode: str | None = None  # online | offline | disabled; default: online iff WANDB_API_KEY is set
+    peak_flops: float | None = None  # device peak for the MFU estimate (default: by device and dtype)
     max_failures: int = 0
     seed: int = 0
     ray_address: str | None = None

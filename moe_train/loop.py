@@ -22,7 +22,12 @@ import torch.distributed as dist
 
 from moe_core.config import read_model_config
 from moe_core.loading import load_model
-from moe_core.losses import global_load_balancing_loss, load_balancing_loss, pooled_stats, router_z_loss
+from moe_core.losses import (
+    global_load_balancing_loss,
+    load_balancing_loss,
+    pooled_stats,
+    router_z_loss,
+)
 from moe_core.model import CausalLM, next_token_loss
 from moe_train.config import AuxLoss, TrainConfig
 from moe_train.expert_parallel import (
@@ -31,6 +36,14 @@ from moe_train.expert_parallel import (
     clip_gradients,
     install_expert_parallel,
     reduce_gradients,
+)
+from moe_train.tracking import (
+    Tracker,
+    default_peak_flops,
+    expert_load_metrics,
+    load_heatmap_png,
+    mfu,
+    routing_counts,
 )
 
 RANK_FILE = "rank{rank}.pt"
@@ -46,14 +59,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+def worker_device(cfg: TrainConfig) -> torch.device:
+    if cfg.gpus_per_worker > 0:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
 def build_rank_model(cfg: TrainConfig, rank: int, world: int) -> tuple[CausalLM, Any]:
     probe = read_model_config(cfg.model)
+    device = worker_device(cfg)
     if not probe.is_moe:
-        return load_model(cfg.model).train(), None
+        return load_model(cfg.model, device=device).train(), None
     layout = ParallelLayout(world_size=world, ep_size=cfg.ep, num_experts=probe.num_experts)
     groups = build_process_groups(layout)
     model = load_model(
-        cfg.model, first_expert=layout.first_expert(rank), num_local_experts=layout.experts_per_rank
+        cfg.model, device=device, first_expert=layout.first_expert(rank), num_local_experts=layout.experts_per_rank
     ).train()
     if layout.ep_size > 1:
         install_expert_parallel(model, groups)
@@ -81,8 +103,22 @@ def global_aux_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tens
     return global_load_balancing_loss(router_logits, top_k, counts, tokens)
 
 
-def micro_batch_loss(model: CausalLM, ids: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    out = model(ids)
+@torch.no_grad()
+def update_selection_bias(model: CausalLM, counts_LE: torch.Tensor, rate: float) -> None:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): raise the selection bias of under-loaded experts by γ and
+    lower over-loaded ones, from the global batch's counts, identically on every rank."""
+    for moe, counts in zip(model.moe_layers(), counts_LE.float(), strict=True):
+        moe.gate.selection_bias += rate * torch.sign(counts.mean() - counts)
+
+
+def micro_batch_loss(
+    model: CausalLM, ids: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    # fp32 master weights; bf16 matmuls on GPU (the router softmax and losses stay fp32 by construction).
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(ids)
     lm = next_token_loss(out.logits, ids)
     loss, parts = lm, {"lm_loss": float(lm)}
     if out.routings and cfg.aux_loss is not AuxLoss.NONE:
@@ -97,7 +133,8 @@ def micro_batch_loss(model: CausalLM, ids: torch.Tensor, cfg: TrainConfig) -> tu
         z = router_z_loss(out.router_logits)
         loss = loss + cfg.z_loss_coef * z
         parts["z_loss"] = float(z)
-    return loss, parts
+    counts = routing_counts(out.routings, model.config.num_experts) if out.routings else None
+    return loss, parts, counts
 
 
 def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
@@ -108,14 +145,6 @@ def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """On a restart, forget the metrics of steps after the checkpoint: they are about to be redone."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def maybe_fail(spec: dict[str, Any] | None, step: int, rank: int) -> None:
@@ -130,7 +159,14 @@ def maybe_fail(spec: dict[str, Any] | None, step: int, rank: int) -> None:
 
 
 def save_rank_checkpoint(directory: Path, rank: int, model: torch.nn.Module, opt: Any, step: int) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "rng": torch.get_rng_state(),
+        # Not part of the HF checkpoint (Qwen2-MoE has no router bias), but part of the training state.
+        "selection_bias": [moe.gate.selection_bias.clone() for moe in model.moe_layers()],
+    }
     torch.save(state, directory / RANK_FILE.format(rank=rank))
     if rank == 0:
         (directory / META_FILE).write_text(json.dumps({"step": step}))
@@ -141,12 +177,13 @@ def load_rank_checkpoint(directory: Path, rank: int, model: torch.nn.Module, opt
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    for moe, bias in zip(model.moe_layers(), state.get("selection_bias", []), strict=False):
+        moe.gate.selection_bias.copy_(bias)
     return int(state["step"])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
-    from ray.train import Checkpoint
 
     from moe_train.data import rank_batches
 
@@ -155,6 +192,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     model, groups = build_rank_model(cfg, rank, world)
+    if cfg.expert_backend:
+        model.set_expert_backend(cfg.expert_backend)
+    model.activation_checkpointing = cfg.activation_checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -171,9 +211,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seed=cfg.seed,
         start_step=start,
     )
-    metrics_path = Path(cfg.out) / "metrics.jsonl"
-    if rank == 0:
-        truncate_metrics(metrics_path, start)
+    run_dir = Path(cfg.out)
+    tracker = Tracker(run_dir, rank, cfg.as_dict(), project=cfg.wandb_project, mode=cfg.wandb_mode, resume_step=start)
+    device = next(model.parameters()).device
+    peak = cfg.peak_flops or default_peak_flops(device.type, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        _train_steps(cfg, model, groups, opt, batches, tracker, start, rank, world, peak, config)
+    finally:
+        tracker.finish()
+
+
+def _train_steps(
+    cfg: TrainConfig,
+    model: CausalLM,
+    groups: Any,
+    opt: Any,
+    batches: Any,
+    tracker: Tracker,
+    start: int,
+    rank: int,
+    world: int,
+    peak: float,
+    config: dict[str, Any],
+) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    run_dir = Path(cfg.out)
     for step in range(start, cfg.steps):
         maybe_fail(config.get("inject_failure"), step, rank)
         t0 = time.perf_counter()
@@ -181,29 +245,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         parts: dict[str, float] = {}
+        counts_LE = None
         micro_batches = next(batches)
         for ids in micro_batches:
-            loss, p = micro_batch_loss(model, ids, cfg)
+            loss, p, counts = micro_batch_loss(model, ids, cfg)
             (loss / len(micro_batches)).backward()
             parts = {k: parts.get(k, 0.0) + v / len(micro_batches) for k, v in p.items()}
+            counts_LE = counts if counts_LE is None else counts_LE + counts
         if groups is not None:
             reduce_gradients(model, groups)
         else:
             reduce_dense_gradients(model, world)
         grad_norm = clip_gradients(model, groups, cfg.grad_clip)
         parts = mean_over_ranks(parts, world)
+        if counts_LE is not None:
+            if world > 1:
+                dist.all_reduce(counts_LE)
+            parts.update(expert_load_metrics(counts_LE))
+            if cfg.aux_free_bias_rate > 0:
+                update_selection_bias(model, counts_LE, cfg.aux_free_bias_rate)
         opt.step()
         tokens = world * sum(ids.numel() for ids in micro_batches)
+        tokens_per_s = tokens / (time.perf_counter() - t0)
         metrics = {
             "step": step + 1,
             "lr": lr_at(step, cfg),
             "grad_norm": grad_norm,
-            "tokens_per_s": tokens / (time.perf_counter() - t0),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, model.config, cfg.seq_len, peak, num_devices=world),
             **parts,
         }
-        if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        tracker.log(metrics, step + 1)
+        if counts_LE is not None and rank == 0 and cfg.heatmap_every and (step + 1) % cfg.heatmap_every == 0:
+            png = load_heatmap_png(counts_LE, run_dir / "heatmaps" / f"load-{step + 1:06d}.png")
+            tracker.log_image("load/heatmap", png, step + 1)
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             with tempfile.TemporaryDirectory() as tmp:
                 save_rank_checkpoint(Path(tmp), rank, model, opt, step + 1)

@@ -17,6 +17,7 @@ from moe_core.config import read_model_config
 from moe_core.params import count_parameters
 from moe_train.config import TrainConfig
 from moe_train.expert_parallel import ParallelLayout
+from moe_train.tracking import read_metrics, sync_hint, write_loss_curve
 
 RUN_NAME = "upmoe-train"
 
@@ -78,8 +79,11 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
         ),
     )
     result = trainer.fit()
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    write_loss_curve(metrics, out / "loss.png")
+    metrics = read_metrics(out / "metrics.jsonl")
+    write_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    hint = sync_hint(out)
+    if hint:
+        print(f"W&B ran offline; upload with: {hint}")
     model_cfg = read_model_config(cfg.model)
     last = metrics[-1]
     return {
@@ -90,19 +94,3 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "params_activated": count_parameters(model_cfg).activated,
     }
-
-
-def write_loss_curve(metrics: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([m["step"] for m in metrics], [m["lm_loss"] for m in metrics], label="LM loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -57,6 +57,8 @@ def test_ep2_on_ray_train_matches_ep1_and_exports(ray_local, moe_dir: Path, tmp_
         assert x["aux_loss"] == pytest.approx(y["aux_loss"], abs=1e-5)
     assert a[-1]["lm_loss"] < a[0]["lm_loss"]
     assert (ep2 / "loss.png").stat().st_size > 0
+    assert {"load/cv_mean", "load/max_over_mean_mean", "load/dead_experts_total", "mfu", "aux_loss"} <= set(a[-1])
+    assert list((ep2 / "wandb").glob("offline-run-*")), "rank 0 logs to W&B (offline without an API key)"
 
     exported = tmp_path / "exported"
     assert main(["export", str(ep2), str(exported)]) == 0
@@ -115,3 +117,17 @@ def test_killed_worker_recovers_to_the_same_weights(ray_local, moe_dir: Path, tm
         assert a.keys() == b.keys()
         for key in a.keys():
             assert torch.equal(a.get(key), b.get(key)), key
+
+
+def test_load_balancing_loss_reduces_imbalance(ray_local, moe_dir: Path, tmp_path: Path) -> None:
+    """Same run length and data: the Switch loss keeps the expert load flatter than no balancing loss."""
+    cvs = {}
+    for aux in ("none", "switch"):
+        run = tmp_path / aux
+        args = ["train", "--model", str(moe_dir), "--data", "embedded", "--out", str(run), "--steps", "40"]
+        args += ["--seq-len", "128", "--micro-batch", "8", "--lr", "3e-3", "--aux-loss", aux, "--aux-coef", "0.01"]
+        assert main([*args, "--wandb-mode", "disabled"]) == 0
+        metrics = _metrics(run)
+        assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] - 1.0  # the loss goes down on the embedded corpus
+        cvs[aux] = sum(m["load/cv_mean"] for m in metrics[-5:]) / 5
+    assert cvs["switch"] < 0.8 * cvs["none"], cvs
