@@ -31,6 +31,11 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", help="RUN_DIR: metrics.jsonl, loss.png, checkpoints")
     p.add_argument("--config", type=Path, help="YAML file with any of these options")
+    p.add_argument(
+        "--preset", choices=["long-context"], help="long-context: seq 32768, rope_theta 1e6 (Qwen2's second stage)"
+    )
+    p.add_argument("--rope-theta", type=float, help="override the model's rope_theta (kept in exports)")
+    p.add_argument("--max-position-embeddings", type=int, help="override the model's context length")
     p.add_argument("--eval-data", help="held-out data (same forms as --data)")
     p.add_argument("--workers", type=int, help="training workers (default 1)")
     p.add_argument("--ep", type=int, help="expert-parallel size; must divide --workers and the expert count")
@@ -66,8 +71,8 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from moe_train.trainer import run_training
 
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "json")}
-    cfg = load_train_config(args.config, options)
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "json", "preset")}
+    cfg = load_train_config(args.config, options, preset=args.preset)
     summary = run_training(cfg)
     print(
         f"trained {summary['steps']} steps: final LM loss {summary['final_loss']:.4f}, "

@@ -52,6 +52,9 @@ class TrainConfig:
     max_failures: int = 0
     seed: int = 0
     ray_address: str | None = None
+    # Model config overrides for a context-extension stage (written into exported checkpoints too).
+    rope_theta: float | None = None
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         self.aux_loss = AuxLoss(self.aux_loss)
@@ -73,14 +76,24 @@ class TrainConfig:
         return out
 
 
-def load_train_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """YAML values, then every override that is not None."""
-    values: dict[str, Any] = {}
+# The Qwen2 report's second pretraining stage: context 4096 -> 32768 with rope_theta 1e4 -> 1e6.
+PRESETS: dict[str, dict[str, Any]] = {
+    "long-context": {"seq_len": 32768, "rope_theta": 1e6, "max_position_embeddings": 32768},
+}
+
+
+def load_train_config(
+    yaml_path: str | Path | None, overrides: dict[str, Any], preset: str | None = None
+) -> TrainConfig:
+    """Preset values, then YAML values, then every override that is not None."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown training preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset]) if preset else {}
     if yaml_path is not None:
         loaded = yaml.safe_load(Path(yaml_path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: expected a mapping of option names to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update({k.replace("-", "_"): v for k, v in loaded.items() if k != "preset"})
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
@@ -92,3 +105,12 @@ def load_train_config(yaml_path: str | Path | None, overrides: dict[str, Any]) -
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
+
+
+def model_config_for(cfg: TrainConfig) -> Any:
+    """The model's config with this run's overrides applied (what workers train and export writes)."""
+    from moe_core.config import read_model_config
+
+    model_cfg = read_model_config(cfg.model)
+    changes = {k: getattr(cfg, k) for k in ("rope_theta", "max_position_embeddings") if getattr(cfg, k) is not None}
+    return model_cfg.replace(**changes) if changes else model_cfg

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from moe_core.config import read_model_config
 from moe_core.loading import save_model
 from moe_core.model import CausalLM
+from moe_train.config import TrainConfig, model_config_for
 from moe_train.loop import META_FILE, RANK_FILE
 from moe_train.trainer import RUN_NAME
 
@@ -49,7 +49,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         step = max(found)
     if step not in found:
         raise ValueError(f"no checkpoint for step {step} in {run_dir}; available: {sorted(found)}")
-    cfg = read_model_config(train["model"])
+    cfg = model_config_for(TrainConfig(**train))
     model = CausalLM(cfg)
     model.load_state_dict(gather_state(found[step], train["ep"] if cfg.is_moe else 1))
     return save_model(model, out_dir, tokenizer_dir=train["model"], overwrite=overwrite)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_core.config import read_model_config
 from moe_core.loading import load_model
 from moe_core.losses import (
     global_load_balancing_loss,
@@ -29,7 +28,7 @@ from moe_core.losses import (
     router_z_loss,
 )
 from moe_core.model import CausalLM, next_token_loss
-from moe_train.config import AuxLoss, TrainConfig
+from moe_train.config import AuxLoss, TrainConfig, model_config_for
 from moe_train.expert_parallel import (
     ParallelLayout,
     build_process_groups,
@@ -68,14 +67,18 @@ def worker_device(cfg: TrainConfig) -> torch.device:
 
 
 def build_rank_model(cfg: TrainConfig, rank: int, world: int) -> tuple[CausalLM, Any]:
-    probe = read_model_config(cfg.model)
+    probe = model_config_for(cfg)
     device = worker_device(cfg)
     if not probe.is_moe:
-        return load_model(cfg.model, device=device).train(), None
+        return load_model(cfg.model, device=device, config=probe).train(), None
     layout = ParallelLayout(world_size=world, ep_size=cfg.ep, num_experts=probe.num_experts)
     groups = build_process_groups(layout)
     model = load_model(
-        cfg.model, device=device, first_expert=layout.first_expert(rank), num_local_experts=layout.experts_per_rank
+        cfg.model,
+        device=device,
+        first_expert=layout.first_expert(rank),
+        num_local_experts=layout.experts_per_rank,
+        config=probe,
     ).train()
     if layout.ep_size > 1:
         install_expert_parallel(model, groups)

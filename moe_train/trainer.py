@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from moe_core.config import read_model_config
 from moe_core.params import count_parameters
-from moe_train.config import TrainConfig
+from moe_train.config import TrainConfig, model_config_for
 from moe_train.expert_parallel import ParallelLayout
 from moe_train.tracking import read_metrics, sync_hint, write_loss_curve
 
@@ -25,7 +24,7 @@ RUN_NAME = "upmoe-train"
 def validate_before_start(cfg: TrainConfig) -> None:
     """Everything that can be wrong with the inputs, checked before any worker starts."""
     model_dir = Path(cfg.model)
-    model_cfg = read_model_config(model_dir)
+    model_cfg = model_config_for(cfg)
     if not any(model_dir.glob("*.safetensors")):
         raise ValueError(f"--model {model_dir} has no *.safetensors weights")
     if cfg.seq_len > model_cfg.max_position_embeddings:
@@ -84,7 +83,7 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
     hint = sync_hint(out)
     if hint:
         print(f"W&B ran offline; upload with: {hint}")
-    model_cfg = read_model_config(cfg.model)
+    model_cfg = model_config_for(cfg)
     last = metrics[-1]
     return {
         "final_loss": last.get("lm_loss"),

@@ -131,3 +131,22 @@ def test_load_balancing_loss_reduces_imbalance(ray_local, moe_dir: Path, tmp_pat
         assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] - 1.0  # the loss goes down on the embedded corpus
         cvs[aux] = sum(m["load/cv_mean"] for m in metrics[-5:]) / 5
     assert cvs["switch"] < 0.8 * cvs["none"], cvs
+
+
+def test_long_context_preset_end_to_end_at_small_scale(ray_local, tmp_path: Path) -> None:
+    """Qwen2's second stage at small scale: rope_theta 1e4 -> 1e6, longer context, from a YAML config."""
+    base = tmp_path / "base"
+    assert main(["init", str(base), "--preset", "debug-moe"]) == 0
+    config = json.loads((base / "config.json").read_text())
+    config.update(rope_theta=10000.0, max_position_embeddings=256)
+    (base / "config.json").write_text(json.dumps(config))
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(f"model: {base}\ndata: embedded\nsteps: 2\nmicro-batch: 1\ncheckpoint_every: 2\n")
+    run = tmp_path / "run"
+    # The preset's 32768-token context is scaled down with --seq-len; flags override YAML and preset.
+    args = ["train", "--config", str(yaml_path), "--preset", "long-context", "--seq-len", "1024", "--out", str(run)]
+    assert main([*args, "--wandb-mode", "disabled"]) == 0
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["rope_theta"] == 1e6 and exported["max_position_embeddings"] == 32768
+    assert main(["eval", str(tmp_path / "exported"), "--seq-len", "1024", "--max-tokens", "4096"]) == 0
