@@ -17,12 +17,12 @@ expert-data-parallel group (the ranks holding the same experts) and divided by W
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from moe_core.experts import Experts
 from moe_core.model import CausalLM
@@ -70,6 +70,7 @@ class ProcessGroups:
     rank: int
     ep: Any  # the EP group this rank belongs to
     expert_dp: Any  # the ranks sharing this rank's experts
+    comm: CommTimer | None = None  # set by install_expert_parallel
 
     @property
     def ep_rank(self) -> int:
@@ -95,6 +96,40 @@ def build_process_groups(layout: ParallelLayout) -> ProcessGroups:
     )
 
 
+class CommTimer:
+    """Wall time spent inside all-to-all calls (forward and backward), for the step-time breakdown."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _exchange(x: torch.Tensor, recv: list[int], send: list[int], group: Any, timer: CommTimer) -> torch.Tensor:
+    out = x.new_empty(sum(recv), *x.shape[1:])
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    timer.seconds += time.perf_counter() - start
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward is the reverse exchange; both are timed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, recv: list[int], send: list[int], group: Any, timer: CommTimer
+    ) -> torch.Tensor:
+        ctx.recv, ctx.send, ctx.group, ctx.timer = recv, send, group, timer
+        return _exchange(x, recv, send, group, timer)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return _exchange(grad, ctx.send, ctx.recv, ctx.group, ctx.timer), None, None, None, None
+
+
 @dataclass
 class _DispatchState:
     order_S: torch.Tensor  # local slots in expert order
@@ -106,9 +141,10 @@ class _DispatchState:
 class AllToAllDispatcher:
     """Dropless token dispatch across an EP group with uneven splits; differentiable end to end."""
 
-    def __init__(self, group: Any, ep_size: int) -> None:
+    def __init__(self, group: Any, ep_size: int, timer: CommTimer | None = None) -> None:
         self.group = group
         self.ep_size = ep_size
+        self.timer = timer or CommTimer()
 
     def dispatch(
         self, x_TD: torch.Tensor, experts_TK: torch.Tensor, experts: Experts
@@ -121,9 +157,7 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_RE, send_RE, group=self.group)
         send_R = counts_per_rank(counts_E, self.ep_size).tolist()
         recv_R = recv_RE.sum(dim=1).tolist()
-        x_recv = dist_fn.all_to_all_single(
-            x_SD.new_empty(sum(recv_R), x_SD.shape[1]), x_SD, recv_R, send_R, group=self.group
-        )
+        x_recv = _AllToAll.apply(x_SD, recv_R, send_R, self.group, self.timer)
         # Received rows are grouped by source rank, then local expert; the experts want them by expert.
         source_of_row = torch.repeat_interleave(torch.arange(recv_RE.numel()), recv_RE.reshape(-1))
         expert_of_row = source_of_row % recv_RE.shape[1]
@@ -133,14 +167,16 @@ class AllToAllDispatcher:
 
     def combine(self, y_local: torch.Tensor, state: _DispatchState, weights_TK: torch.Tensor) -> torch.Tensor:
         y_recv = y_local.index_select(0, inverse_permutation(state.regroup))
-        y_SD = dist_fn.all_to_all_single(
-            y_recv.new_empty(sum(state.send_R), y_recv.shape[1]), y_recv, state.send_R, state.recv_R, group=self.group
-        )
+        y_SD = _AllToAll.apply(y_recv, state.send_R, state.recv_R, self.group, self.timer)
         return combine_slots(y_SD, state.order_S, weights_TK)
 
 
-def install_expert_parallel(model: CausalLM, groups: ProcessGroups) -> None:
-    """Point every MoE block at the all-to-all dispatcher (the model must own this rank's experts)."""
+def install_expert_parallel(model: CausalLM, groups: ProcessGroups) -> CommTimer:
+    """Point every MoE block at the all-to-all dispatcher (the model must own this rank's experts).
+
+    Returns the timer all the dispatchers share.
+    """
+    timer = CommTimer()
     first = groups.layout.first_expert(groups.rank)
     for moe in model.moe_layers():
         assert isinstance(moe, MoE)
@@ -149,7 +185,9 @@ def install_expert_parallel(model: CausalLM, groups: ProcessGroups) -> None:
                 f"rank {groups.rank} must own experts {first}..{first + groups.layout.experts_per_rank - 1}; "
                 f"the model owns {moe.experts.first_expert}..{moe.experts.first_expert + moe.experts.num_local - 1}"
             )
-        moe.dispatcher = AllToAllDispatcher(groups.ep, groups.layout.ep_size)
+        moe.dispatcher = AllToAllDispatcher(groups.ep, groups.layout.ep_size, timer)
+    groups.comm = timer
+    return timer
 
 
 def is_expert_param(name: str) -> bool:

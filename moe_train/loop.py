@@ -269,13 +269,17 @@ def _train_steps(
                 update_selection_bias(model, counts_LE, cfg.aux_free_bias_rate)
         opt.step()
         tokens = world * sum(ids.numel() for ids in micro_batches)
-        tokens_per_s = tokens / (time.perf_counter() - t0)
+        step_seconds = time.perf_counter() - t0
+        tokens_per_s = tokens / step_seconds
+        comm_seconds = groups.comm.take() if groups is not None and groups.comm is not None else 0.0
         metrics = {
             "step": step + 1,
             "lr": lr_at(step, cfg),
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s, model.config, cfg.seq_len, peak, num_devices=world),
+            "step_seconds": step_seconds,
+            "all_to_all_share": comm_seconds / step_seconds,
             **parts,
         }
         tracker.log(metrics, step + 1)
