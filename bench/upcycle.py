@@ -66,29 +66,17 @@ def _copy_tree_bytes(src: Path, dst: Path) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_core.cli import run_init
     from moe_core.params import count_parameters
     from upcycle.cli import build_plan
     from upcycle.job import JobOptions, run_upcycle, task_memory_bytes
     from upcycle.source import read_source
+    from upmoe.cli import main
 
     work = Path(tempfile.mkdtemp(prefix="upmoe-bench-", dir=args.workdir))
     try:
         dense, out = work / "dense", work / "moe"
         t0 = time.perf_counter()
-        run_init(
-            argparse.Namespace(
-                out_dir=dense,
-                preset=args.preset,
-                seed=0,
-                dtype="bf16",
-                tokenizer=None,
-                tokenizer_vocab=None,
-                max_shard_size=5 * 2**30,
-                overwrite=False,
-                json=False,
-            )
-        )
+        main(["init", str(dense), "--preset", args.preset, "--dtype", "bf16"])
         print(f"made a random {args.preset} checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
         plan_args = argparse.Namespace(
             preset=None,

@@ -44,11 +44,10 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = F.linear(x_TD, self.weight)
         probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        if torch.any(self.selection_bias != 0):
-            _, experts_TK = torch.topk(probs_TE + self.selection_bias.float(), self.top_k, dim=-1)
-            weights_TK = probs_TE.gather(-1, experts_TK)
-        else:
-            weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        # Select on probs + bias (a zero bias selects exactly the plain top-k) and weight by the probs, with no
+        # data-dependent branch: checking whether the bias is zero would cost a device sync per layer.
+        _, experts_TK = torch.topk(probs_TE + self.selection_bias.float(), self.top_k, dim=-1)
+        weights_TK = probs_TE.gather(-1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return Routing(logits_TE, weights_TK.to(logits_TE.dtype), experts_TK)

@@ -10,21 +10,27 @@ from typing import Any
 
 from moe_core.config import ModelConfig, ModelType
 from moe_core.params import count_parameters
+from moe_core.registry import get_preset
 from upcycle.recipe import InitMethod, UpcycleSpec, copies_needed
 from upcycle.source import Source
 
+
+def _moe_shape_of(preset: str) -> dict[str, Any]:
+    """The MoE shape flags of a registry preset, so the numbers live in one place (moe_core.registry)."""
+    cfg = get_preset(preset)
+    return dict(
+        num_experts=cfg.num_experts,
+        num_shared=cfg.num_shared_experts,
+        top_k=cfg.num_experts_per_tok,
+        expert_size=cfg.moe_intermediate_size,
+        norm_topk_prob=cfg.norm_topk_prob,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        vocab_size=cfg.vocab_size,
+    )
+
+
 # The Qwen2 report's Qwen2-57B-A14B, upcycled from Qwen2-7B (its vocabulary slices the 7B's 152064 rows).
-PRESETS: dict[str, dict[str, Any]] = {
-    "qwen2-57b-a14b": dict(
-        num_experts=64,
-        num_shared=8,
-        top_k=8,
-        expert_size=2560,
-        norm_topk_prob=False,
-        router_aux_loss_coef=0.001,
-        vocab_size=151936,
-    ),
-}
+PRESETS: dict[str, dict[str, Any]] = {"qwen2-57b-a14b": _moe_shape_of("qwen2-57b-a14b")}
 
 
 @dataclass(frozen=True, kw_only=True)
