@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,12 @@ COMMANDS: dict[str, Command] = {
     "init": Command("moe_core.cli", "create a randomly initialised model directory (config, weights, tokenizer)"),
     "eval": Command("moe_core.cli", "mean next-token cross-entropy of a model on a text file"),
     "upcycle": Command("upcycle.cli", "turn a dense Qwen2/Llama checkpoint into a fine-grained Qwen2-MoE (Ray job)"),
-    "train": Command("moe_train.cli", "continue pretraining with Ray Train and expert parallelism (in progress)"),
+    "train": Command("moe_train.cli", "continue pretraining with Ray Train and expert parallelism"),
     "export": Command("moe_train.cli", "gather a training run's checkpoint into an HF directory"),
+    "serve": Command("serve.cli", "deploy a model as an autoscaled OpenAI-compatible Ray Serve endpoint"),
+    "submit": Command("upmoe.jobs", "submit upcycle/train/serve as a Ray job to a cluster and follow its logs"),
+    "jobs": Command("upmoe.jobs", "list, inspect, follow or stop Ray jobs on a cluster"),
+    "cluster": Command("upmoe.local_cluster", "start or stop a local multi-node Ray cluster with token auth"),
     "bench": Command("bench.cli", "benchmarks that print side-by-side tables with ratios"),
     "demo": Command("upmoe.demo", "run the end-to-end demo on the embedded default model and corpus"),
 }
@@ -46,6 +51,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _DefaultsWhenSet(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" only for real defaults: None means "from the config file or computed"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(name: str) -> tuple[ModuleType, argparse.ArgumentParser]:
+    """The subcommand's module and its full argument parser (also used to check manifests' entrypoints)."""
+    module = importlib.import_module(COMMANDS[name].module)
+    parser = argparse.ArgumentParser(
+        prog=f"upmoe {name}", description=COMMANDS[name].summary, formatter_class=_DefaultsWhenSet
+    )
+    module.configure(name, parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -57,13 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upmoe: unknown command {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name].module)
-    parser = argparse.ArgumentParser(
-        prog=f"upmoe {name}",
-        description=COMMANDS[name].summary,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    module.configure(name, parser)
+    module, parser = build_parser(name)
     args = parser.parse_args(rest)
     try:
         return int(module.run(name, args) or 0)
