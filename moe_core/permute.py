@@ -34,7 +34,7 @@ def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, weights_TK: torch.T
     """out_TD = Σ_k weight[t, k] · y[slot(t, k)], with y given in expert order."""
     num_tokens, top_k = weights_TK.shape
     y_slot_order = y_SD.index_select(0, inverse_permutation(order_S))
-    weighted = y_slot_order.view(num_tokens, top_k, -1) * weights_TK.unsqueeze(-1).to(y_SD.dtype)
+    weighted = y_slot_order.view(num_tokens, top_k, y_SD.shape[-1]) * weights_TK.unsqueeze(-1).to(y_SD.dtype)
     return weighted.sum(dim=1)
 
 

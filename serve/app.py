@@ -1,0 +1,359 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of an autoscaled model deployment.
+
+    client ──HTTP──> OpenAIIngress (FastAPI: auth, validation, tokenisation, SSE)
+                        └──handle──> ModelServer replicas (each an EP gang + continuous-batching engine)
+
+``build_app(args)`` is the import path ``serve deploy`` and KubeRay's RayService use (``serve.app:build_app``);
+its ``args`` are ``serve.options.ServeOptions`` fields. The autoscaling config is explicit on purpose: Ray
+Serve LLM's defaults effectively never add replicas.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the
+# ingress methods, or it treats ``request`` as a query parameter.
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from moe_core.loading import parse_dtype
+from moe_core.tokenizer import Tokenizer, TokenizerError
+from serve.api import (
+    ChatRequest,
+    CompletionRequest,
+    OpenAIError,
+    bad_request,
+    chunk_body,
+    completion_body,
+    new_id,
+    sse,
+    usage_chunk,
+)
+from serve.engine import Engine, EngineFailedError, Event, Failed, Finished, GenerationRequest, TextDelta
+from serve.options import ServeOptions
+from serve.runner import ShardSpec, check_expert_split, serving_context
+from serve.sampling import SamplingParams
+
+HEALTH_PING_TIMEOUT_S = 10.0
+RETRIES_BEFORE_FIRST_TOKEN = 2  # a request that got no token yet is safe to send to another replica
+
+
+def resolve_dtype(opts: ServeOptions) -> torch.dtype:
+    if opts.dtype != "auto":
+        return parse_dtype({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[opts.dtype])
+    return torch.bfloat16 if opts.gpus_per_rank else torch.float32
+
+
+def shard_spec(opts: ServeOptions) -> ShardSpec:
+    cfg = check_expert_split(opts.model_dir, opts.ep)
+    return ShardSpec(
+        model_dir=opts.model_dir,
+        num_slots=opts.max_batch_size,
+        max_seq_len=serving_context(cfg, opts.max_seq_len),
+        dtype=resolve_dtype(opts),
+        device="cuda" if opts.gpus_per_rank else "cpu",
+        ep_size=opts.ep,
+    )
+
+
+class ModelServer:
+    """One model replica: rank 0 of an EP gang, running the engine. Serve scales these."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        from serve.gang import GangRunner, set_threads_from_ray
+        from serve.metrics import ReplicaMetrics
+        from serve.runner import LocalRunner
+
+        set_threads_from_ray()
+        self.opts = ServeOptions(**options)
+        spec = shard_spec(self.opts)
+        self.runner = GangRunner(spec, self.opts.gpus_per_rank) if spec.ep_size > 1 else LocalRunner(spec)
+        tokenizer = Tokenizer.from_dir(self.opts.model_dir)
+        self.engine = Engine(self.runner, tokenizer, stats=ReplicaMetrics()).start()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream the request's events; if the caller goes away, the sequence is cancelled."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone: the replica is shutting down
+                pass
+
+        seq = self.engine.submit(request, sink)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, (Finished, Failed)):
+                    return
+        finally:
+            self.engine.cancel(seq)
+
+    def check_health(self) -> None:
+        if self.engine.failure is not None:
+            raise EngineFailedError(self.engine.failure)
+        ping = getattr(self.runner, "ping_workers", None)
+        if ping is not None:
+            ping(HEALTH_PING_TIMEOUT_S)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+api = FastAPI(title="upmoe", description="OpenAI-compatible completions from an upmoe model")
+
+
+def _error_response(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
+    return _error_response(err)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    return _error_response(bad_request(_describe(err.errors())))
+
+
+def _describe(errors: Any) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def _parse(request: Request, model_cls: type) -> Any:
+    try:
+        payload = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model_cls.model_validate(payload)
+    except ValidationError as exc:
+        raise bad_request(_describe(exc.errors())) from exc
+
+
+# Defined before the ingress class: Serve pickles that class by value with the globals it sees then.
+async def _first_event(events: AsyncIterator[Event]) -> Event:
+    event = await anext(events)
+    if isinstance(event, Failed):
+        raise OpenAIError(503, event.message, type_="server_error")
+    return event
+
+
+async def _collect(first: Event, events: AsyncIterator[Event]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    event = first
+    while True:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        elif isinstance(event, Finished):
+            return "".join(parts), event
+        elif isinstance(event, Failed):
+            raise OpenAIError(503, event.message, type_="server_error")
+        event = await anext(events)
+
+
+async def _sse_stream(
+    rid: str, model: str, chat: bool, first: Event, events: AsyncIterator[Event], include_usage: bool
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    if chat:
+        yield sse(chunk_body(rid, model, created, chat, role=True, text=""))
+    event = first
+    while True:
+        if isinstance(event, TextDelta):
+            yield sse(chunk_body(rid, model, created, chat, text=event.text))
+        elif isinstance(event, Finished):
+            yield sse(chunk_body(rid, model, created, chat, finish=event.reason))
+            if include_usage:
+                yield sse(usage_chunk(rid, model, created, chat, event))
+            break
+        elif isinstance(event, Failed):
+            yield sse(OpenAIError(503, event.message, type_="server_error").body())
+            break
+        event = await anext(events)
+    yield sse("[DONE]")
+
+
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, model: Any, options: dict[str, Any]) -> None:
+        self.model = model
+        self.opts = ServeOptions(**options)
+        self.tokenizer = Tokenizer.from_dir(self.opts.model_dir)
+        self.max_seq_len = shard_spec(self.opts).max_seq_len
+
+    def _authorize(self, request: Request) -> None:
+        if not self.opts.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.opts.api_key.encode()):
+            raise OpenAIError(401, "invalid or missing API key", type_="invalid_request_error", code="invalid_api_key")
+
+    def _check_model(self, name: str) -> None:
+        if name != self.opts.model_name:
+            raise OpenAIError(
+                404,
+                f"the model {name!r} does not exist; this endpoint serves {self.opts.model_name!r}",
+                type_="invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": self.opts.model_name})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        card = {"id": self.opts.model_name, "object": "model", "created": 0, "owned_by": "upmoe"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        self._authorize(request)
+        body: CompletionRequest = await _parse(request, CompletionRequest)
+        body.refuse_unsupported()
+        self._check_model(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = self.tokenizer.encode(body.prompt)
+        elif body.prompt and isinstance(body.prompt[0], str):
+            prompt_ids = self.tokenizer.encode(body.prompt[0])
+        else:
+            prompt_ids = [int(t) for t in body.prompt]
+            if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt_ids):
+                raise bad_request("prompt token ids must be in the vocabulary", "prompt")
+        return await self._respond(body, prompt_ids, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._authorize(request)
+        body: ChatRequest = await _parse(request, ChatRequest)
+        body.refuse_unsupported()
+        self._check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        except TokenizerError as exc:
+            raise bad_request(str(exc), "messages") from exc
+        return await self._respond(body, prompt_ids, chat=True)
+
+    def _generation_request(self, body: Any, prompt_ids: list[int]) -> GenerationRequest:
+        if not prompt_ids:
+            raise bad_request("the prompt is empty", "prompt")
+        room = self.max_seq_len - len(prompt_ids)
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {len(prompt_ids)} tokens; this endpoint's context is {self.max_seq_len} tokens",
+                "messages" if isinstance(body, ChatRequest) else "prompt",
+            )
+        max_tokens = body.max_tokens if body.max_tokens is not None else room
+        if max_tokens > room:
+            raise bad_request(
+                f"this endpoint's context is {self.max_seq_len} tokens; you requested {len(prompt_ids) + max_tokens} "
+                f"({len(prompt_ids)} in the prompt, {max_tokens} for the completion)",
+                "max_tokens",
+            )
+        sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop_strings())
+
+    async def _respond(self, body: Any, prompt_ids: list[int], chat: bool) -> Any:
+        gen = self._generation_request(body, prompt_ids)
+        events = self._events(gen)
+        first = await _first_event(events)  # errors before the first token become HTTP errors, not broken streams
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _sse_stream(rid, body.model, chat, first, events, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        text, done = await _collect(first, events)
+        return JSONResponse(completion_body(rid, body.model, text, done, chat))
+
+    async def _events(self, gen: GenerationRequest) -> AsyncIterator[Event]:
+        """The model's events for ``gen``; retried on another replica if one fails before the first token."""
+        for attempt in range(RETRIES_BEFORE_FIRST_TOKEN + 1):
+            started = False
+            try:
+                async for event in self.model.options(stream=True).generate.remote(gen):
+                    if isinstance(event, Failed) and not started and attempt < RETRIES_BEFORE_FIRST_TOKEN:
+                        break
+                    started = True
+                    yield event
+                else:
+                    return
+            except BackPressureError as exc:
+                raise OpenAIError(429, "the server is at capacity; retry later", type_="rate_limit_error") from exc
+            except OpenAIError:
+                raise
+            except Exception as exc:  # replica died (actor errors), engine refused, ...
+                if started:
+                    yield Failed(f"the model replica failed: {exc}")
+                    return
+                if attempt == RETRIES_BEFORE_FIRST_TOKEN:
+                    raise OpenAIError(
+                        503, f"no model replica could serve the request: {exc}", type_="server_error"
+                    ) from exc
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+
+def autoscaling_config(opts: ServeOptions) -> dict[str, Any]:
+    return {
+        "min_replicas": opts.min_replicas,
+        "initial_replicas": opts.min_replicas,
+        "max_replicas": opts.max_replicas,
+        "target_ongoing_requests": opts.target_ongoing_requests,
+        "upscale_delay_s": opts.upscale_delay_s,
+        "downscale_delay_s": opts.downscale_delay_s,
+        "metrics_interval_s": 1.0,
+        "look_back_period_s": 5.0,
+    }
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application for ``args`` (ServeOptions fields); checks the model before deploying anything."""
+    opts = ServeOptions(**args)
+    opts.validate()
+    shard_spec(opts)  # the model directory is readable and --ep fits its experts
+    options = opts.as_dict()
+    rank_bundle = {"CPU": 1, "GPU": opts.gpus_per_rank} if opts.gpus_per_rank else {"CPU": 1}
+    model = serve.deployment(
+        ModelServer,
+        name="ModelServer",
+        ray_actor_options={"num_cpus": 1, "num_gpus": opts.gpus_per_rank},
+        placement_group_bundles=[rank_bundle] * opts.ep,
+        placement_group_strategy="STRICT_PACK" if opts.gpus_per_rank else "PACK",
+        autoscaling_config=autoscaling_config(opts),
+        max_ongoing_requests=2 * opts.max_batch_size,
+        max_queued_requests=opts.max_queued_requests,
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=5,
+    ).bind(options)
+    # The ingress only validates and relays, so one replica holds every open request: its limit must be far
+    # above the model's (Serve's default of 5 would cap the whole endpoint at 5 concurrent requests).
+    ingress = serve.deployment(
+        OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096
+    )
+    return ingress.bind(model, options)

@@ -1,0 +1,49 @@
+"""Turning one row of logits into the next token: greedy, temperature, nucleus (top-p), seeded per request.
+
+Each request owns a ``torch.Generator``: with a ``seed`` its samples depend only on its own logits, not on
+which other requests share the batch, so the same request with the same seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (argmax), as OpenAI-style servers do
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def make_generator(params: SamplingParams) -> torch.Generator:
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator(device="cpu").manual_seed(seed % (1 << 63))
+
+
+def logits_to_probs(logits_V: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Softmax(logits / T) in fp32, with the tail beyond cumulative probability top_p set to zero."""
+    probs_V = torch.softmax(logits_V.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs_V
+    sorted_probs, order = torch.sort(probs_V, descending=True)
+    # Keep a token if the mass before it is still below top_p (so the most likely token is always kept).
+    keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    kept = torch.zeros_like(probs_V).scatter(-1, order, sorted_probs * keep_sorted)
+    return kept / kept.sum()
+
+
+def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    if params.greedy:
+        return int(torch.argmax(logits_V))
+    probs_V = logits_to_probs(logits_V.cpu(), params.temperature, params.top_p)
+    return int(torch.multinomial(probs_V, 1, generator=generator))
