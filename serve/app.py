@@ -44,7 +44,9 @@ from serve.runner import ShardSpec, check_expert_split, serving_context
 from serve.sampling import SamplingParams
 
 HEALTH_PING_TIMEOUT_S = 10.0
-RETRIES_BEFORE_FIRST_TOKEN = 2  # a request that got no token yet is safe to send to another replica
+# A request that has produced no token yet is safe to run again, so when its replica fails it is retried
+# (on the replacement, if that was the only replica) for up to this long before the client sees a 503.
+RETRY_BEFORE_FIRST_TOKEN_S = 60.0
 
 
 def resolve_dtype(opts: ServeOptions) -> torch.dtype:
@@ -292,30 +294,30 @@ class OpenAIIngress:
         return JSONResponse(completion_body(rid, body.model, text, done, chat))
 
     async def _events(self, gen: GenerationRequest) -> AsyncIterator[Event]:
-        """The model's events for ``gen``; retried on another replica if one fails before the first token."""
-        for attempt in range(RETRIES_BEFORE_FIRST_TOKEN + 1):
+        """The model's events for ``gen``; retried while the failure happened before the first token."""
+        deadline = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S
+        delay = 0.5
+        while True:
             started = False
             try:
                 async for event in self.model.options(stream=True).generate.remote(gen):
-                    if isinstance(event, Failed) and not started and attempt < RETRIES_BEFORE_FIRST_TOKEN:
-                        break
+                    if isinstance(event, Failed) and not started:
+                        raise EngineFailedError(event.message)
                     started = True
                     yield event
-                else:
-                    return
+                return
             except BackPressureError as exc:
                 raise OpenAIError(429, "the server is at capacity; retry later", type_="rate_limit_error") from exc
-            except OpenAIError:
-                raise
-            except Exception as exc:  # replica died (actor errors), engine refused, ...
+            except Exception as exc:  # the replica died or its engine failed
                 if started:
-                    yield Failed(f"the model replica failed: {exc}")
+                    yield Failed(f"the model replica failed mid-generation: {exc}")
                     return
-                if attempt == RETRIES_BEFORE_FIRST_TOKEN:
+                if time.monotonic() + delay > deadline:
                     raise OpenAIError(
                         503, f"no model replica could serve the request: {exc}", type_="server_error"
                     ) from exc
-            await asyncio.sleep(0.5 * (attempt + 1))
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def autoscaling_config(opts: ServeOptions) -> dict[str, Any]:

@@ -1,0 +1,45 @@
+"""Helpers for the serving tests: free ports and endpoints deployed for the length of a ``with`` block."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_endpoint(port: int, options: dict[str, Any], app_name: str = "upmoe") -> Iterator[str]:
+    """Deploy ``serve.app:build_app(options)`` and yield its base URL; delete the application afterwards."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app(options), name=app_name, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url)
+        yield url
+    finally:
+        serve.delete(app_name)
+
+
+def wait_healthy(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")

@@ -1,0 +1,203 @@
+"""The OpenAI-compatible endpoint on a running Ray Serve app (EP=1), driven by the real ``openai`` client.
+
+One endpoint for the module, with an API key. It serves the tiny MoE from ``upmoe init --preset debug-moe``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from serve_testlib import running_endpoint
+
+from moe_core.tokenizer import Tokenizer
+
+KEY = "test-key-123"
+MODEL = "tiny-moe"
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def url(serve_port: int, moe_dir: Path):
+    options = {
+        "model_dir": str(moe_dir),
+        "model_name": MODEL,
+        "api_key": KEY,
+        "max_seq_len": CONTEXT,
+        "max_batch_size": 4,
+        "max_queued_requests": 4,
+    }
+    with running_endpoint(serve_port, options) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(moe_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(moe_dir)
+
+
+def test_models_and_health(client, url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_chat_completion_uses_the_chat_template_and_counts_usage(client, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    prompt_tokens = len(tokenizer.encode(tokenizer.apply_chat_template(messages)))
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.total_tokens == prompt_tokens + reply.usage.completion_tokens
+    assert choice.finish_reason in ("length", "stop")
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 12
+
+
+def test_completion_with_prompt_text_and_token_ids_agree(client, tokenizer):
+    by_text = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    ids = tokenizer.encode("Once upon a time")
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
+    assert by_text.choices[0].text == by_ids.choices[0].text
+    assert by_text.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_stream_reassembles_to_the_same_seeded_text(client, chat):
+    kwargs = dict(model=MODEL, max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+    if chat:
+        create = client.chat.completions.create
+        kwargs["messages"] = [{"role": "user", "content": "Tell me a story"}]
+    else:
+        create = client.completions.create
+        kwargs["prompt"] = "Tell me a story"
+    whole = create(**kwargs)
+    chunks = list(create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert len({c.id for c in chunks}) == 1
+    pieces = [(c.choices[0].delta.content if chat else c.choices[0].text) or "" for c in chunks if c.choices]
+    text = whole.choices[0].message.content if chat else whole.choices[0].text
+    assert "".join(pieces) == text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    other_seed = create(**{**kwargs, "seed": 99})
+    assert (other_seed.choices[0].message.content if chat else other_seed.choices[0].text) != text
+
+
+def test_stop_strings_end_the_text_before_them(client):
+    full = client.completions.create(model=MODEL, prompt="The cat", max_tokens=30, temperature=0).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop.strip()) > 0
+    cut = client.completions.create(model=MODEL, prompt="The cat", max_tokens=30, temperature=0, stop=[stop, "zzzq"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+    streamed = client.completions.create(
+        model=MODEL, prompt="The cat", max_tokens=30, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_api_key_is_required(url, client):
+    wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        wrong.models.list()
+    assert err.value.status_code == 401
+    for headers in ({}, {"Authorization": "Basic " + KEY}):
+        response = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert client.models.list().data  # and the right key works
+
+
+def test_concurrent_greedy_requests_match_transformers_generate(client, moe_dir, tokenizer):
+    import transformers
+
+    prompts = ["Once upon a time", "The quick brown fox", "In the beginning", "A B C D E F"]
+    with ThreadPoolExecutor(len(prompts)) as pool:  # in flight together: decoded in one batch
+        replies = list(
+            pool.map(lambda p: client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0), prompts)
+        )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = tokenizer.encode(prompt)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+        new = out[0, len(ids) :].tolist()
+        stops = [i for i, t in enumerate(new) if t in tokenizer.stop_token_ids]
+        new = new[: stops[0]] if stops else new
+        assert len(new) >= 32 or stops, "the comparison needs at least 32 generated tokens"
+        assert reply.choices[0].text == tokenizer.decode(new)
+
+
+def _post(url: str, path: str, body: object, raw: bool = False) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if raw else json.dumps(body)
+    return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=60)
+
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}, 400, "context"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi " * (2 * CONTEXT)}, 400, "context"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=1"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+    ("/v1/completions", [1, 2], 400, "JSON object"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD_REQUESTS)
+def test_bad_input_gets_an_openai_error(url, path, body, status, words):
+    response = _post(url, path, body, raw=isinstance(body, bytes))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"]
+
+
+def test_a_flood_of_requests_gets_429s_and_the_server_survives(url, client):
+    def one(_: int) -> int:
+        return _post(url, "/v1/completions", {"model": MODEL, "prompt": "flood", "max_tokens": 48}).status_code
+
+    with ThreadPoolExecutor(48) as pool:
+        codes = list(pool.map(one, range(48)))
+    assert set(codes) <= {200, 429}, codes
+    assert 429 in codes and 200 in codes
+    assert client.completions.create(model=MODEL, prompt="still there?", max_tokens=4).choices[0].text is not None
+
+
+def test_prometheus_metrics_include_per_expert_load(url, client):
+    import ray
+
+    client.completions.create(model=MODEL, prompt="count my experts", max_tokens=8)
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "upmoe_expert_tokens" in text and "upmoe_time_to_first_token_seconds" in text:
+            break
+        time.sleep(2)
+    for name in (
+        "upmoe_requests",
+        "upmoe_generated_tokens",
+        "upmoe_time_per_output_token_seconds",
+        "upmoe_batch_size",
+        "upmoe_kv_cache_usage",
+        "upmoe_expert_tokens",
+    ):
+        assert name in text, f"{name} missing from the metrics endpoint"
+    expert_lines = [line for line in text.splitlines() if line.startswith("ray_upmoe_expert_tokens")]
+    assert any('layer="0"' in line and 'expert="' in line for line in expert_lines)
