@@ -44,6 +44,10 @@ from serve.runner import ShardSpec, check_expert_split, serving_context
 from serve.sampling import SamplingParams
 
 HEALTH_PING_TIMEOUT_S = 10.0
+# Streamed text leaves a replica at most this often per request (the first token at once). Each message is a
+# Ray hop to the ingress and another to the HTTP proxy; per-token messages for 16 streams cost more CPU than
+# the model's decode step, while 50 ms is below what a reader notices.
+STREAM_INTERVAL_S = 0.05
 # A request that has produced no token yet is safe to run again, so when its replica fails it is retried
 # (on the replacement, if that was the only replica) for up to this long before the client sees a 503.
 RETRY_BEFORE_FIRST_TOKEN_S = 60.0
@@ -67,6 +71,17 @@ def shard_spec(opts: ServeOptions) -> ShardSpec:
     )
 
 
+def merge_text(events: list[Event]) -> list[Event]:
+    """Join consecutive text deltas (their concatenation is all a client can observe)."""
+    merged: list[Event] = []
+    for event in events:
+        if isinstance(event, TextDelta) and merged and isinstance(merged[-1], TextDelta):
+            merged[-1] = TextDelta(merged[-1].text + event.text)
+        else:
+            merged.append(event)
+    return merged
+
+
 class ModelServer:
     """One model replica: rank 0 of an EP gang, running the engine. Serve scales these."""
 
@@ -82,8 +97,31 @@ class ModelServer:
         tokenizer = Tokenizer.from_dir(self.opts.model_dir)
         self.engine = Engine(self.runner, tokenizer, stats=ReplicaMetrics()).start()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Stream the request's events; if the caller goes away, the sequence is cancelled."""
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
+        """Stream the request's events, coalesced: each message carries everything that arrived meanwhile.
+
+        Every message is a hop through Ray to the ingress, so under load one message per step per request
+        (not per token) is what keeps the replica's event loop from becoming the bottleneck. If the caller
+        goes away, the sequence is cancelled.
+        """
+        events = self._subscribe(request)
+        async for batch in events:
+            yield batch
+
+    async def complete(self, request: GenerationRequest) -> tuple[str, Finished]:
+        """The whole text and how it ended, in one message (non-streaming requests)."""
+        parts: list[str] = []
+        async for batch in self._subscribe(request):
+            for event in batch:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    return "".join(parts), event
+                elif isinstance(event, Failed):
+                    raise EngineFailedError(event.message)
+        raise EngineFailedError("the request ended without finishing")
+
+    async def _subscribe(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -94,11 +132,17 @@ class ModelServer:
                 pass
 
         seq = self.engine.submit(request, sink)
+        sent_at: float | None = None
         try:
             while True:
-                event = await queue.get()
-                yield event
-                if isinstance(event, (Finished, Failed)):
+                batch = [await queue.get()]
+                if sent_at is not None:  # the first message goes at once: time to first token matters
+                    await asyncio.sleep(max(0.0, sent_at + STREAM_INTERVAL_S - time.monotonic()))
+                sent_at = time.monotonic()
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield merge_text(batch)
+                if isinstance(batch[-1], (Finished, Failed)):
                     return
         finally:
             self.engine.cancel(seq)
@@ -154,25 +198,20 @@ async def _parse(request: Request, model_cls: type) -> Any:
         raise bad_request(_describe(exc.errors())) from exc
 
 
+def _at_capacity() -> OpenAIError:
+    return OpenAIError(429, "the server is at capacity; retry later", type_="rate_limit_error")
+
+
+def _unavailable(exc: Exception) -> OpenAIError:
+    return OpenAIError(503, f"no model replica could serve the request: {exc}", type_="server_error")
+
+
 # Defined before the ingress class: Serve pickles that class by value with the globals it sees then.
 async def _first_event(events: AsyncIterator[Event]) -> Event:
     event = await anext(events)
     if isinstance(event, Failed):
         raise OpenAIError(503, event.message, type_="server_error")
     return event
-
-
-async def _collect(first: Event, events: AsyncIterator[Event]) -> tuple[str, Finished]:
-    parts: list[str] = []
-    event = first
-    while True:
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        elif isinstance(event, Finished):
-            return "".join(parts), event
-        elif isinstance(event, Failed):
-            raise OpenAIError(503, event.message, type_="server_error")
-        event = await anext(events)
 
 
 async def _sse_stream(
@@ -283,39 +322,52 @@ class OpenAIIngress:
 
     async def _respond(self, body: Any, prompt_ids: list[int], chat: bool) -> Any:
         gen = self._generation_request(body, prompt_ids)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if not body.stream:
+            text, done = await self._with_retries(lambda: self.model.complete.remote(gen))
+            return JSONResponse(completion_body(rid, body.model, text, done, chat))
         events = self._events(gen)
         first = await _first_event(events)  # errors before the first token become HTTP errors, not broken streams
-        rid = new_id("chatcmpl" if chat else "cmpl")
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _sse_stream(rid, body.model, chat, first, events, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        text, done = await _collect(first, events)
-        return JSONResponse(completion_body(rid, body.model, text, done, chat))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse_stream(rid, body.model, chat, first, events, include_usage), media_type="text/event-stream"
+        )
+
+    async def _with_retries(self, call: Any) -> Any:
+        """Run a whole (non-streamed) generation, retrying on a failed replica until the deadline."""
+        deadline, delay = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S, 0.5
+        while True:
+            try:
+                return await call()
+            except BackPressureError as exc:
+                raise _at_capacity() from exc
+            except Exception as exc:  # the replica died or its engine failed; nothing was sent yet
+                if time.monotonic() + delay > deadline:
+                    raise _unavailable(exc) from exc
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
     async def _events(self, gen: GenerationRequest) -> AsyncIterator[Event]:
         """The model's events for ``gen``; retried while the failure happened before the first token."""
-        deadline = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S
-        delay = 0.5
+        deadline, delay = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S, 0.5
         while True:
             started = False
             try:
-                async for event in self.model.options(stream=True).generate.remote(gen):
-                    if isinstance(event, Failed) and not started:
-                        raise EngineFailedError(event.message)
-                    started = True
-                    yield event
+                async for batch in self.model.options(stream=True).generate.remote(gen):
+                    for event in batch:
+                        if isinstance(event, Failed) and not started:
+                            raise EngineFailedError(event.message)
+                        started = True
+                        yield event
                 return
             except BackPressureError as exc:
-                raise OpenAIError(429, "the server is at capacity; retry later", type_="rate_limit_error") from exc
+                raise _at_capacity() from exc
             except Exception as exc:  # the replica died or its engine failed
                 if started:
                     yield Failed(f"the model replica failed mid-generation: {exc}")
                     return
                 if time.monotonic() + delay > deadline:
-                    raise OpenAIError(
-                        503, f"no model replica could serve the request: {exc}", type_="server_error"
-                    ) from exc
+                    raise _unavailable(exc) from exc
             await asyncio.sleep(delay)
             delay = min(2 * delay, 5.0)
 
