@@ -1,0 +1,93 @@
+"""``upmoe serve``: the emitted Serve config deploys the same app, bad input fails before Ray starts, and a
+running server prints its URL, answers, and shuts down cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from serve_testlib import free_port
+
+from serve.launch import serve_config
+from serve.options import load_serve_options
+
+UPMOE = [sys.executable, "-m", "upmoe.cli"]
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*UPMOE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_emit_config_is_a_serve_config_for_build_app(moe_dir: Path):
+    result = _run("serve", str(moe_dir), "--ep", "2", "--max-replicas", "3", "--port", "9000", "--emit-config")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 9000}
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve.app:build_app"
+    assert app["args"]["ep"] == 2 and app["args"]["max_replicas"] == 3
+    opts = load_serve_options(None, app["args"])  # the args are valid options as they stand
+    assert serve_config(opts)["applications"][0]["args"] == app["args"]
+
+
+def test_options_from_yaml_with_flags_winning(moe_dir: Path, tmp_path: Path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"model_dir": str(moe_dir), "ep": 2, "max-batch-size": 8}))
+    result = _run("serve", "--config", str(cfg), "--ep", "4", "--emit-config")
+    args = yaml.safe_load(result.stdout)["applications"][0]["args"]
+    assert (args["ep"], args["max_batch_size"]) == (4, 8)
+
+
+def test_bad_input_fails_fast_with_a_clear_message(moe_dir: Path, tmp_path: Path):
+    cases = [
+        ((str(tmp_path / "missing"),), "missing"),
+        ((str(moe_dir), "--ep", "3"), "--ep 3 must divide the routed expert count 64"),
+        ((str(moe_dir), "--min-replicas", "3", "--max-replicas", "2"), "--min-replicas"),
+        ((str(moe_dir), "--max-seq-len", "100000"), "exceeds the model's context"),
+        ((str(moe_dir), "--bogus", "1"), "unrecognized arguments"),
+    ]
+    for args, words in cases:
+        result = _run("serve", *args, timeout=60)
+        assert result.returncode != 0
+        assert words in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_serve_prints_the_url_answers_and_stops_on_ctrl_c(moe_dir: Path):
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a private local Ray, whatever else runs on this machine
+    proc = subprocess.Popen(
+        [*UPMOE, "serve", str(moe_dir), "--port", str(port), "--max-seq-len", "128", "--model-name", "m"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "ready" in line and f":{port}" in line:
+                break
+            assert proc.poll() is None, "".join(lines)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        rest = proc.stdout.read()
+        assert "shutting down" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
