@@ -6,8 +6,6 @@ The neuron analysis is independent of upcycle.recipe: it only compares tensors o
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moe_core.checkpoint_io import TensorReader
-from upmoe.cli import main
+from tests.cli_helpers import CliResult, run_cli  # noqa: F401  (re-exported for the upcycle tests)
 
 # The tokenizer files `upmoe init` writes; copied next to transformers-made sources so evaluation works.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -27,27 +25,6 @@ REPORT = "upcycle_report.json"
 
 # Fresh (re-drawn) neuron, and a neuron whose gate row matches a dense neuron but whose up/down do not.
 FRESH, PARTIAL = -1, -2
-
-
-@dataclass
-class CliResult:
-    rc: int
-    out: str
-    err: str
-
-    def last_json(self) -> dict:
-        return json.loads(self.out.strip().splitlines()[-1])
-
-
-def run_cli(*args: str | Path) -> CliResult:
-    """``upmoe ARGS`` in this process; argparse's SystemExit becomes the return code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return CliResult(rc, out.getvalue(), err.getvalue())
 
 
 def upcycle(source: Path, out: Path, *flags: str | Path, eval_tokens: int = 0) -> CliResult:

@@ -8,8 +8,6 @@ actors and nodes) rather than anything the tested code reports about itself.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -28,7 +26,7 @@ import psutil
 import pytest
 import requests
 
-from upmoe.cli import main
+from tests.cli_helpers import CliResult, run_cli
 
 # The SDK's own log follower trips aiohttp's deprecation of ssl=None; nothing upmoe passes.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
@@ -54,24 +52,6 @@ class Cluster:
 
     def submission_ids(self) -> set[str]:
         return {j["submission_id"] for j in self.api("/api/jobs/") if j.get("submission_id")}
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-def upmoe(*args: str | Path) -> Result:
-    """``upmoe ARGS`` in this process (the client side needs no subprocess); SystemExit becomes the code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return Result(rc, out.getvalue(), err.getvalue())
 
 
 def upmoe_process(*args: str | Path) -> subprocess.Popen:
@@ -134,15 +114,15 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("jobs")
-    assert upmoe("init", root / "dense", "--preset", "debug", "--seed", "1").rc == 0
+    assert run_cli("init", root / "dense", "--preset", "debug", "--seed", "1").rc == 0
     return root
 
 
 @pytest.fixture(scope="module")
-def upcycled(cluster: Cluster, models: Path) -> tuple[Result, Path]:
+def upcycled(cluster: Cluster, models: Path) -> tuple[CliResult, Path]:
     """`upmoe submit upcycle` once for the module (train and serve start from its output)."""
     dst = models / "moe"
-    result = upmoe(
+    result = run_cli(
         "submit", "--address", cluster.address, "upcycle", models / "dense", dst, *UPCYCLE_SHAPE, "--no-progress"
     )
     return result, dst
@@ -158,11 +138,11 @@ def test_cluster_has_two_nodes_with_token_auth_and_refuses_a_second_up(cluster: 
     assert resources == ["upmoe_node_0", "upmoe_node_1"]
     assert all(n["resources_total"]["CPU"] == 1 for n in nodes)
     assert requests.get(f"{cluster.address}/api/jobs/", timeout=10).status_code == 401  # token auth is on
-    again = upmoe("cluster", "up", "--nodes", "1", "--temp-dir", cluster.temp_dir)
+    again = run_cli("cluster", "up", "--nodes", "1", "--temp-dir", cluster.temp_dir)
     assert again.rc == 1 and "already up" in again.err and "cluster down" in again.err
 
 
-def test_submit_upcycle_succeeds(cluster: Cluster, upcycled: tuple[Result, Path]) -> None:
+def test_submit_upcycle_succeeds(cluster: Cluster, upcycled: tuple[CliResult, Path]) -> None:
     result, dst = upcycled
     assert result.rc == 0, result.err[-3000:]
     job_id = _job_id(result.out)
@@ -179,7 +159,7 @@ def test_wrong_or_missing_token_is_refused_clearly_and_creates_no_job(
     before = cluster.submission_ids()
     argv = ["submit", "--address", cluster.address, "upcycle", models / "dense", tmp_path / "never", *UPCYCLE_SHAPE]
     monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
-    wrong = upmoe(*argv)
+    wrong = run_cli(*argv)
     assert wrong.rc == 1
     assert wrong.err.strip() == (
         f"upmoe submit: error: the Ray cluster at {cluster.address} refused the token from $RAY_AUTH_TOKEN: it is "
@@ -187,17 +167,17 @@ def test_wrong_or_missing_token_is_refused_clearly_and_creates_no_job(
     )
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
-    missing = upmoe(*argv)
+    missing = run_cli(*argv)
     assert missing.rc == 1 and len(missing.err.strip().splitlines()) == 1
     assert f"the Ray cluster at {cluster.address} requires a token: set $RAY_AUTH_TOKEN" in missing.err
     assert cluster.submission_ids() == before
     assert not (tmp_path / "never").exists()
 
 
-def test_submit_train_ep2_spans_both_nodes(cluster: Cluster, upcycled: tuple[Result, Path], models: Path) -> None:
+def test_submit_train_ep2_spans_both_nodes(cluster: Cluster, upcycled: tuple[CliResult, Path], models: Path) -> None:
     run = models / "run"
     argv = ["--model", upcycled[1], "--out", run, "--steps", "3", *TRAIN_ARGS, *TRAIN_QUIET]
-    result = upmoe("submit", "--address", cluster.address, "train", *argv)
+    result = run_cli("submit", "--address", cluster.address, "train", *argv)
     assert result.rc == 0, result.out[-3000:] + result.err[-3000:]
     job_id = _job_id(result.out)
     assert "trained 3 steps" in result.out and f"job {job_id} SUCCEEDED" in result.out
@@ -214,25 +194,25 @@ def test_submit_train_ep2_spans_both_nodes(cluster: Cluster, upcycled: tuple[Res
 
 
 def test_jobs_list_status_logs(cluster: Cluster) -> None:
-    listing = upmoe("jobs", "list", "--address", cluster.address)
+    listing = run_cli("jobs", "list", "--address", cluster.address)
     assert listing.rc == 0
     header, *rows = listing.out.strip().splitlines()
     assert header.split() == ["JOB", "STATUS", "STARTED", "DURATION", "ENTRYPOINT"]
     train = next(r for r in rows if "upmoe train" in r)
     assert any("upmoe upcycle" in r and "SUCCEEDED" in r for r in rows) and "SUCCEEDED" in train
     job_id = train.split()[0]
-    status = upmoe("jobs", "status", job_id, "--address", cluster.address)
+    status = run_cli("jobs", "status", job_id, "--address", cluster.address)
     assert status.rc == 0 and "status:     SUCCEEDED" in status.out and "python -m upmoe.cli train" in status.out
-    logs = upmoe("jobs", "logs", job_id, "--address", cluster.address)
+    logs = run_cli("jobs", "logs", job_id, "--address", cluster.address)
     assert logs.rc == 0 and "trained 3 steps" in logs.out
-    missing = upmoe("jobs", "status", "raysubmit_nope", "--address", cluster.address)
+    missing = run_cli("jobs", "status", "raysubmit_nope", "--address", cluster.address)
     assert missing.rc == 1 and "does not exist" in missing.err
 
 
 def test_submit_with_working_dir_and_env(cluster: Cluster, models: Path) -> None:
     """The source tree is uploaded as the job's working dir (without .venv, .git, outputs: it stays ~1 MB)."""
     argv = ["--working-dir", ROOT, "--env", "UPMOE_PROBE=42", "eval", models / "dense", "--seq-len", "64"]
-    result = upmoe("submit", "--address", cluster.address, *argv, "--max-tokens", "512", "--json")
+    result = run_cli("submit", "--address", cluster.address, *argv, "--max-tokens", "512", "--json")
     assert result.rc == 0, result.out[-3000:] + result.err[-3000:]
     info = cluster.api(f"/api/jobs/{_job_id(result.out)}")
     assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")
@@ -242,7 +222,7 @@ def test_submit_with_working_dir_and_env(cluster: Cluster, models: Path) -> None
 
 
 def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(
-    cluster: Cluster, upcycled: tuple[Result, Path], models: Path
+    cluster: Cluster, upcycled: tuple[CliResult, Path], models: Path
 ) -> None:
     argv = ["--model", upcycled[1], "--out", models / "long", "--steps", "100000", *TRAIN_ARGS, *TRAIN_QUIET]
     proc = upmoe_process("submit", "--address", cluster.address, "--job-id", "upmoe-ctrl-c", "train", *argv)
@@ -258,15 +238,15 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(
     assert proc.returncode == 130
     assert "job upmoe-ctrl-c keeps running" in err and "upmoe jobs stop upmoe-ctrl-c" in err
     assert cluster.api("/api/jobs/upmoe-ctrl-c")["status"] == "RUNNING"
-    stopped = upmoe("jobs", "stop", "upmoe-ctrl-c", "--address", cluster.address)
+    stopped = run_cli("jobs", "stop", "upmoe-ctrl-c", "--address", cluster.address)
     assert stopped.rc == 0 and "job upmoe-ctrl-c STOPPED" in stopped.out
     assert cluster.api("/api/jobs/upmoe-ctrl-c")["status"] == "STOPPED"
 
 
-def test_submit_serve_answers_then_stops(cluster: Cluster, upcycled: tuple[Result, Path]) -> None:
+def test_submit_serve_answers_then_stops(cluster: Cluster, upcycled: tuple[CliResult, Path]) -> None:
     port = free_port()
     argv = ["--no-wait", "--job-id", "upmoe-serve", "serve", upcycled[1], "--ep", "2", "--port", str(port)]
-    submitted = upmoe("submit", "--address", cluster.address, *argv)
+    submitted = run_cli("submit", "--address", cluster.address, *argv)
     assert submitted.rc == 0, submitted.err
     assert "upmoe jobs logs upmoe-serve --follow" in submitted.out
     try:
@@ -282,7 +262,7 @@ def test_submit_serve_answers_then_stops(cluster: Cluster, upcycled: tuple[Resul
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["role"] == "assistant"
     finally:
-        stopped = upmoe("jobs", "stop", "upmoe-serve", "--address", cluster.address)
+        stopped = run_cli("jobs", "stop", "upmoe-serve", "--address", cluster.address)
     assert stopped.rc == 0 and "STOPPED" in stopped.out
 
 

@@ -3,14 +3,12 @@ fail before anything is sent (so a typo never becomes a job)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import socket
 from pathlib import Path
 
 import pytest
 
-from upmoe.cli import main
+from tests.cli_helpers import run_cli
 from upmoe.jobs import (
     WORKING_DIR_EXCLUDES,
     build_runtime_env,
@@ -22,14 +20,8 @@ from upmoe.ray_auth import auth_failure_message, find_token
 
 
 def _run(*args: str | Path) -> tuple[int, str, str]:
-    """``upmoe ARGS`` in this process; argparse's SystemExit becomes the return code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 1
-    return rc, out.getvalue(), err.getvalue()
+    result = run_cli(*args)
+    return result.rc, result.out, result.err
 
 
 def _closed_port() -> int:
