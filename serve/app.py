@@ -206,6 +206,20 @@ def _unavailable(exc: Exception) -> OpenAIError:
     return OpenAIError(503, f"no model replica could serve the request: {exc}", type_="server_error")
 
 
+class _Backoff:
+    """Waits between retries (0.5 s doubling to 5 s) until RETRY_BEFORE_FIRST_TOKEN_S, then gives up with a 503."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S
+        self.delay = 0.5
+
+    async def wait_or_raise(self, exc: Exception) -> None:
+        if time.monotonic() + self.delay > self.deadline:
+            raise _unavailable(exc) from exc
+        await asyncio.sleep(self.delay)
+        self.delay = min(2 * self.delay, 5.0)
+
+
 # Defined before the ingress class: Serve pickles that class by value with the globals it sees then.
 async def _first_event(events: AsyncIterator[Event]) -> Event:
     event = await anext(events)
@@ -335,21 +349,18 @@ class OpenAIIngress:
 
     async def _with_retries(self, call: Any) -> Any:
         """Run a whole (non-streamed) generation, retrying on a failed replica until the deadline."""
-        deadline, delay = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S, 0.5
+        backoff = _Backoff()
         while True:
             try:
                 return await call()
             except BackPressureError as exc:
                 raise _at_capacity() from exc
             except Exception as exc:  # the replica died or its engine failed; nothing was sent yet
-                if time.monotonic() + delay > deadline:
-                    raise _unavailable(exc) from exc
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 5.0)
+                await backoff.wait_or_raise(exc)
 
     async def _events(self, gen: GenerationRequest) -> AsyncIterator[Event]:
         """The model's events for ``gen``; retried while the failure happened before the first token."""
-        deadline, delay = time.monotonic() + RETRY_BEFORE_FIRST_TOKEN_S, 0.5
+        backoff = _Backoff()
         while True:
             started = False
             try:
@@ -366,10 +377,7 @@ class OpenAIIngress:
                 if started:
                     yield Failed(f"the model replica failed mid-generation: {exc}")
                     return
-                if time.monotonic() + delay > deadline:
-                    raise _unavailable(exc) from exc
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 5.0)
+                await backoff.wait_or_raise(exc)
 
 
 def autoscaling_config(opts: ServeOptions) -> dict[str, Any]:

@@ -88,17 +88,9 @@ class _Sequence:
     first_token_at: float | None = None
 
 
-class EngineStats(Protocol):
-    """Where the engine reports what it does (Ray metrics in a replica; nothing in unit tests)."""
+class EngineStats:
+    """Where the engine reports what it does: nowhere by default; Ray metrics in a replica (``serve.metrics``)."""
 
-    def on_step(self, batch_size: int, cache_tokens: int, cache_capacity: int) -> None: ...
-    def on_tokens(self, count: int) -> None: ...
-    def on_first_token(self, seconds: float) -> None: ...
-    def on_finish(self, seq_seconds_per_token: float | None) -> None: ...
-    def on_expert_counts(self, counts_LE: torch.Tensor) -> None: ...
-
-
-class NoStats:
     def on_step(self, batch_size: int, cache_tokens: int, cache_capacity: int) -> None: ...
     def on_tokens(self, count: int) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
@@ -113,7 +105,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.stop_ids = tokenizer.stop_token_ids
-        self.stats = stats or NoStats()
+        self.stats = stats or EngineStats()
         self.max_prefill = max_prefill or runner.num_slots  # newcomers prefilled together in one step
         self.failure: str | None = None
         self._free_slots = deque(range(runner.num_slots))

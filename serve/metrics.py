@@ -12,11 +12,13 @@ import time
 
 import torch
 
+from serve.engine import EngineStats
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 FLUSH_EVERY_S = 1.0
 
 
-class ReplicaMetrics:
+class ReplicaMetrics(EngineStats):
     """``serve.engine.EngineStats`` on ``ray.serve.metrics`` (tagged with application, deployment, replica)."""
 
     def __init__(self) -> None:
