@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moe_train.config import AuxLoss, load_train_config
+from moe_train.config import ZERO_STAGES, AuxLoss, load_train_config
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,8 @@ def run(name: str, args: argparse.Namespace) -> int:
 def _configure_train(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Continue pretraining a qwen2 / qwen2_moe checkpoint with Ray Train: expert parallelism over --ep ranks "
-        "(all-to-all dispatch), load-balancing loss, checkpoints in RUN_DIR. Re-running the same command "
+        "(all-to-all dispatch), load-balancing loss, AdamW or DeepSpeed ZeRO 1/2, checkpoints in RUN_DIR. "
+        "Re-running the same command "
         "continues from the latest checkpoint. Options can also come from --config train.yaml (flags win)."
     )
     p.add_argument("--model", help="HF model directory to start from")
@@ -55,6 +56,15 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aux-free-bias-rate", type=float, help="auxiliary-loss-free balancing step γ (default 0: off)")
     p.add_argument("--expert-backend", choices=["eager", "grouped", "megablocks"], help="expert kernels")
     p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute layers in backward")
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=list(ZERO_STAGES),
+        help="optimizer: 0 plain PyTorch AdamW (the reference); 1 or 2 DeepSpeed ZeRO, optimizer state (and with 2 "
+        "gradients) sharded, expert state over the ranks holding the same experts. Default: 1 with "
+        "--gpus-per-worker 1, 0 on CPU (DeepSpeed JIT-compiles a C++ op on first use there and CPU-sized "
+        "models gain nothing from sharding)",
+    )
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 0: never)")
     p.add_argument("--max-failures", type=int, help="automatic restarts after a worker failure (default 0)")
     p.add_argument("--wandb-project", help="W&B project (default upmoe)")

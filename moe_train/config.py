@@ -2,6 +2,12 @@
 
 Defaults follow the Qwen2 report's pretraining settings: AdamW β=(0.9, 0.95), ε=1e-8, cosine decay to 10 %
 of the peak learning rate, weight decay 0.1, gradient clipping 1.0; fp32 on CPU.
+
+``zero_stage`` picks the optimizer: 0 is PyTorch AdamW with our own gradient reduction (``expert_parallel``),
+kept as the reference every other path is tested against; 1 and 2 are DeepSpeed ZeRO (``moe_train.zero``).
+Left unset it is 1 with GPUs and 0 on CPU: ZeRO exists to shard optimizer state across accelerators, and on CPU
+DeepSpeed first JIT-compiles a C++ communication op (about 40 s, and it needs a compiler on every worker image)
+while the models that fit a CPU gain nothing from sharding.
 """
 
 from __future__ import annotations
@@ -18,6 +24,14 @@ class AuxLoss(str, Enum):
     SWITCH = "switch"  # per micro-batch
     GLOBAL = "global"  # expert counts all-reduced over the data-parallel group first
     NONE = "none"
+
+
+ZERO_STAGES = (0, 1, 2)
+
+
+def default_zero_stage(gpus_per_worker: int) -> int:
+    """ZeRO-1 on GPUs (what a cluster run wants); the plain optimizer on CPU (see the module docstring)."""
+    return 1 if gpus_per_worker > 0 else 0
 
 
 @dataclass(kw_only=True)
@@ -44,6 +58,7 @@ class TrainConfig:
     aux_free_bias_rate: float = 0.0  # DeepSeek-V3's auxiliary-loss-free balancing: bias step γ per optimizer step
     expert_backend: str | None = None  # eager | grouped | megablocks (default: grouped)
     activation_checkpointing: bool = False
+    zero_stage: int | None = None  # 0: plain AdamW; 1/2: DeepSpeed ZeRO; None: 1 with GPUs, 0 on CPU
     checkpoint_every: int = 0
     heatmap_every: int = 50  # steps between expert-load heatmap images (0: never)
     wandb_project: str | None = None
@@ -58,6 +73,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.aux_loss = AuxLoss(self.aux_loss)
+        if self.zero_stage is None:
+            self.zero_stage = default_zero_stage(self.gpus_per_worker)
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -69,6 +86,7 @@ class TrainConfig:
         need(self.workers % self.ep == 0, f"--ep {self.ep} must divide --workers {self.workers}")
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be positive and --min-lr-ratio in [0, 1]")
         need(self.warmup >= 0 and self.checkpoint_every >= 0, "--warmup and --checkpoint-every must be >= 0")
+        need(self.zero_stage in ZERO_STAGES, f"--zero-stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -84,36 +84,47 @@ def test_bad_input_is_refused_before_workers_start(moe_dir: Path, tmp_path: Path
     assert "config.json" in capsys.readouterr().err
 
 
-def test_killed_worker_recovers_to_the_same_weights(ray_local, moe_dir: Path, tmp_path: Path) -> None:
+# (zero_stage, steps, 0-based step at which rank 1 dies): the checkpoint every 2 steps is written just before.
+@pytest.mark.parametrize("zero_stage, steps_total, fail_step", [(0, 6, 4), (1, 4, 2)])
+def test_killed_worker_recovers_to_the_same_weights(
+    ray_local, moe_dir: Path, tmp_path: Path, zero_stage: int, steps_total: int, fail_step: int
+) -> None:
+    """Plain AdamW, and `upmoe train --zero-stage 1` (DeepSpeed ZeRO-1, EP=2), both resume bit for bit and export."""
     from moe_core.checkpoint_io import TensorReader
     from moe_train.config import load_train_config
     from moe_train.export import export_run
     from moe_train.trainer import run_training
 
-    def train(out: Path, failure: dict | None) -> Path:
-        options = {
+    def options(out: Path) -> dict:
+        return {
             "model": str(moe_dir),
             "data": "embedded",
             "out": str(out),
             "workers": 2,
             "ep": 2,
-            "steps": 6,
+            "steps": steps_total,
             "seq_len": 64,
             "micro_batch": 2,
             "lr": 3e-3,
             "checkpoint_every": 2,
             "max_failures": 1,
+            "zero_stage": zero_stage,
         }
-        run_training(load_train_config(None, options), inject_failure=failure)
-        return export_run(out, out / "exported")
 
-    clean = train(tmp_path / "clean", None)
+    clean = tmp_path / "clean"
+    # The uninterrupted run goes through the command line, flags spelled as a user would.
+    assert main(["train", *[f"--{k.replace('_', '-')}={v}" for k, v in options(clean).items()]]) == 0
+    assert main(["export", str(clean), str(clean / "exported")]) == 0
+    killed = tmp_path / "killed"
     marker = tmp_path / "failed.marker"
-    recovered = train(tmp_path / "killed", {"step": 4, "rank": 1, "marker": str(marker)})
-    assert marker.exists()  # the worker really died at step 5 (0-based 4), after the step-4 checkpoint
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    with TensorReader(clean) as a, TensorReader(recovered) as b:
+    failure = {"step": fail_step, "rank": 1, "marker": str(marker)}
+    run_training(load_train_config(None, options(killed)), inject_failure=failure)
+    recovered = export_run(killed, killed / "exported")
+    assert marker.exists()  # the worker really died at 0-based step fail_step, after the checkpoint before it
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, steps_total + 1))
+    assert json.loads((killed / "train_config.json").read_text())["zero_stage"] == zero_stage
+    with TensorReader(clean / "exported") as a, TensorReader(recovered) as b:
         assert a.keys() == b.keys()
         for key in a.keys():
             assert torch.equal(a.get(key), b.get(key)), key
