@@ -40,7 +40,7 @@ class Plan:
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="working directory (replaced)")
     parser.add_argument("--pretrain-steps", type=int, default=300, help="steps of the dense base's pretraining")
-    parser.add_argument("--train-steps", type=int, default=150, help="continued-pretraining steps (MoE and dense)")
+    parser.add_argument("--train-steps", type=int, default=400, help="continued-pretraining steps (MoE and dense)")
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per worker per continued step")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the demo's endpoint")
 
@@ -78,6 +78,8 @@ def _train(model: Path, run_dir: Path, steps: int, micro_batch: int, *extra: str
         str(micro_batch),
         "--heatmap-every",
         "0",
+        "--checkpoint-every",
+        str(steps),  # one checkpoint, at the end: what `upmoe export` reads
         *extra,
     )
     return _metrics(run_dir)
@@ -199,8 +201,8 @@ def run(name: str, args: argparse.Namespace) -> int:
             "final_moe_loss": final["moe"],
             "final_dense_loss": final["dense"],
             "continued_tokens": plan.continued_tokens,
-            "moe_load_cv_first": moe_rows[0].get("load_cv"),
-            "moe_load_cv_last": moe_rows[-1].get("load_cv"),
+            "moe_load_cv_first": moe_rows[0]["load/cv_mean"],
+            "moe_load_cv_last": moe_rows[-1]["load/cv_mean"],
             "moe_tokens_per_s": _tokens_per_s(moe_rows, 2),
             "dense_tokens_per_s": _tokens_per_s(dense_rows, 2),
             "endpoint_ready_s": ready_s,
