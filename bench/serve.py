@@ -24,7 +24,7 @@ from bench.timing import markdown_table
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="model directory (default: a fresh debug-moe from `upmoe init`)")
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
-    p.add_argument("--requests", type=int, default=48, help="requests in total")
+    p.add_argument("--requests", type=int, default=192, help="requests in total")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks of the endpoint's replica")
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")

@@ -13,6 +13,7 @@ Serve LLM's defaults effectively never add replicas.
 import asyncio
 import hmac
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,10 +45,11 @@ from serve.runner import ShardSpec, check_expert_split, serving_context
 from serve.sampling import SamplingParams
 
 HEALTH_PING_TIMEOUT_S = 10.0
+GIL_SWITCH_INTERVAL_S = 0.0005
 # Streamed text leaves a replica at most this often per request (the first token at once). Each message is a
 # Ray hop to the ingress and another to the HTTP proxy; per-token messages for 16 streams cost more CPU than
 # the model's decode step, while 50 ms is below what a reader notices.
-STREAM_INTERVAL_S = 0.05
+STREAM_INTERVAL_S = 0.1
 # A request that has produced no token yet is safe to run again, so when its replica fails it is retried
 # (on the replacement, if that was the only replica) for up to this long before the client sees a 503.
 RETRY_BEFORE_FIRST_TOKEN_S = 60.0
@@ -91,6 +93,10 @@ class ModelServer:
         from serve.runner import LocalRunner
 
         set_threads_from_ray()
+        # The engine thread releases the GIL around every torch op and must win it back from the replica's
+        # asyncio threads each time; with Python's default 5 ms switch interval a decode step of ~100 small ops
+        # waits far longer for the GIL than it computes.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.opts = ServeOptions(**options)
         spec = shard_spec(self.opts)
         self.runner = GangRunner(spec, self.opts.gpus_per_rank) if spec.ep_size > 1 else LocalRunner(spec)

@@ -204,8 +204,9 @@ class Engine:
 
     def _advance(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> None:
         now = time.monotonic()
-        for seq, logits_V in zip(seqs, logits_BV, strict=True):
-            token = sample(logits_V, seq.request.sampling, seq.generator)
+        greedy = logits_BV.argmax(dim=-1).tolist()  # one op for the batch; sampled rows are drawn one by one
+        for seq, logits_V, best in zip(seqs, logits_BV, greedy, strict=True):
+            token = best if seq.request.sampling.greedy else sample(logits_V, seq.request.sampling, seq.generator)
             seq.generated.append(token)
             if seq.first_token_at is None:
                 seq.first_token_at = now

@@ -21,11 +21,15 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""
         self.released = 0  # characters of self.text already handed out
+        # Decode a short window, not the whole sequence, per token: text of ids[window:] minus that of
+        # ids[window:decoded] is what the newest ids add (a window keeps byte-level merges across the seam right).
+        self._window = 0
+        self._decoded = 0
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (newly released text, whether a stop string was hit)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids)
+        self.text += self._new_text()
         hit = self._first_stop()
         if hit is not None:
             delta = self.text[self.released : hit]
@@ -37,8 +41,20 @@ class TextStream:
         self.released = max(self.released, end)
         return delta, False
 
+    def _new_text(self) -> str:
+        before = self.tokenizer.decode(self.ids[self._window : self._decoded])
+        after = self.tokenizer.decode(self.ids[self._window :])
+        if after.endswith(INCOMPLETE) or not after.startswith(before):
+            return ""  # an incomplete UTF-8 sequence: wait for the bytes that complete it
+        self._window, self._decoded = self._decoded, len(self.ids)
+        return after[len(before) :]
+
     def flush(self) -> str:
         """Release whatever is held (the request is over, so no stop string can complete any more)."""
+        if self._decoded < len(self.ids):  # trailing bytes that never completed a character
+            before = self.tokenizer.decode(self.ids[self._window : self._decoded])
+            self.text += self.tokenizer.decode(self.ids[self._window :])[len(before) :]
+            self._decoded = len(self.ids)
         delta = self.text[self.released :]
         self.released = len(self.text)
         return delta
@@ -56,8 +72,6 @@ class TextStream:
 
     def _safe_end(self) -> int:
         end = len(self.text)
-        while end > self.released and self.text[end - 1] == INCOMPLETE:
-            end -= 1
         for k in range(min(end - self.released, max((len(s) for s in self.stop), default=1) - 1), 0, -1):
             tail = self.text[end - k : end]
             if any(s.startswith(tail) for s in self.stop):
