@@ -29,6 +29,8 @@ def serve_port() -> Iterator[int]:
     import ray
     from ray import serve
 
+    if ray.is_initialized():  # an earlier test module's Ray (e.g. a training run's): this module needs its own
+        ray.shutdown()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
