@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,3 +44,28 @@ def wait_healthy(url: str, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+
+
+class BackgroundLoad:
+    """Clients that keep posting the same completion request until stopped; ``codes`` collects the statuses."""
+
+    def __init__(self, url: str, body: dict[str, Any], clients: int) -> None:
+        self.url, self.body = url, body
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
+            response = httpx.post(f"{self.url}/v1/completions", json=self.body, timeout=120)
+            self.codes.append(response.status_code)
+
+    def __enter__(self) -> BackgroundLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=180)

@@ -3,12 +3,10 @@ and every request during the test succeeds."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
-import httpx
-from serve_testlib import running_endpoint
+from serve_testlib import BackgroundLoad, running_endpoint
 
 MODEL = "tiny-moe"
 
@@ -43,23 +41,9 @@ def test_load_scales_out_and_idleness_scales_back(serve_port, moe_dir: Path):
     }
     with running_endpoint(serve_port, options) as url:
         assert _running_replicas() == 1
-        codes: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            while not stop.is_set():
-                body = {"model": MODEL, "prompt": "scale me", "max_tokens": 48}
-                codes.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code)
-
-        threads = [threading.Thread(target=load) for _ in range(6)]
-        for t in threads:
-            t.start()
-        try:
+        body = {"model": MODEL, "prompt": "scale me", "max_tokens": 48}
+        with BackgroundLoad(url, body, clients=6) as load:
             scaled_out = _wait_for(lambda: _running_replicas() >= 2, timeout_s=90)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=120)
         assert scaled_out, "6 concurrent clients with target_ongoing_requests=1 did not add a replica in 90 s"
         assert _wait_for(lambda: _running_replicas() == 1, timeout_s=90), "did not scale back to 1 replica"
-    assert codes and set(codes) == {200}, codes
+    assert load.codes and set(load.codes) == {200}, load.codes

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from serve_testlib import running_endpoint
+from serve_testlib import BackgroundLoad, running_endpoint
 
 MODEL = "tiny-moe"
 PROMPTS = ["Once upon a time", "The quick brown fox", "In the beginning", "A B C D E F", "x"]
@@ -53,33 +51,24 @@ def test_killing_a_rank_replaces_the_replica_and_service_continues(serve_port, m
     with running_endpoint(serve_port, _options(moe_dir, 2)) as url:
         (victim,) = _alive_actors("RankWorker")
         (old_replica,) = _alive_actors("ServeReplica:upmoe:ModelServer")
-        outcomes: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            while not stop.is_set():
-                body = {"model": MODEL, "prompt": "keep going", "max_tokens": 24}
-                outcomes.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code)
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(3)
-        served_before = len(outcomes)
-        os.kill(victim["Pid"], signal.SIGKILL)  # the rank's process dies mid-decode
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            replicas = _alive_actors("ServeReplica:upmoe:ModelServer")
-            if replicas and replicas[0]["ActorID"] != old_replica["ActorID"] and _alive_actors("RankWorker"):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the replica with the dead rank was not replaced within 120 s")
-        recovered_at = len(outcomes)
-        time.sleep(5)
-        stop.set()
-        for t in threads:
-            t.join(timeout=180)
+        body = {"model": MODEL, "prompt": "keep going", "max_tokens": 24}
+        with BackgroundLoad(url, body, clients=4) as load:
+            time.sleep(3)
+            served_before = len(load.codes)
+            os.kill(victim["Pid"], signal.SIGKILL)  # the rank's process dies mid-decode
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                replicas = _alive_actors("ServeReplica:upmoe:ModelServer")
+                if replicas and replicas[0]["ActorID"] != old_replica["ActorID"] and _alive_actors("RankWorker"):
+                    break
+                time.sleep(1)
+            else:
+                pytest.fail("the replica with the dead rank was not replaced within 120 s")
+            recovered_at = len(load.codes)
+            time.sleep(5)
+    outcomes = load.codes
+    counts = {code: outcomes.count(code) for code in sorted(set(outcomes))}
+    print(f"requests before the kill: {served_before}, before recovery: {recovered_at}, by status: {counts}")
     assert served_before > 0
     after_recovery = outcomes[recovered_at:]
     assert after_recovery and set(after_recovery) == {200}, outcomes
