@@ -75,6 +75,12 @@ class TrainConfig:
         self.aux_loss = AuxLoss(self.aux_loss)
         if self.zero_stage is None:
             self.zero_stage = default_zero_stage(self.gpus_per_worker)
+        # Workers run in Ray's own working directories: a relative path must mean what it meant to the user.
+        self.model = absolute_path(self.model)
+        self.out = absolute_path(self.out)
+        self.data = ",".join(absolute_path(p) for p in self.data.split(","))
+        if self.eval_data is not None:
+            self.eval_data = ",".join(absolute_path(p) for p in self.eval_data.split(","))
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -92,6 +98,17 @@ class TrainConfig:
         out = asdict(self)
         out["aux_loss"] = self.aux_loss.value
         return out
+
+
+EMBEDDED = "embedded"  # --data value for the built-in corpus
+
+
+def absolute_path(path: str) -> str:
+    """A local path (or glob) made absolute; URIs (s3://...) and the built-in corpus name pass unchanged."""
+    path = path.strip()
+    if "://" in path or path == EMBEDDED or path.startswith(EMBEDDED + ":") or not path:
+        return path
+    return str(Path(path).expanduser().absolute())
 
 
 # The Qwen2 report's second pretraining stage: context 4096 -> 32768 with rope_theta 1e4 -> 1e6.

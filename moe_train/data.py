@@ -38,6 +38,7 @@ import torch
 
 from moe_core.corpus import embedded_corpus, write_embedded_corpus
 from moe_core.tokenizer import Tokenizer
+from moe_train.config import EMBEDDED
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -58,7 +59,6 @@ __all__ = [
 ]
 
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".json", ".parquet")
-EMBEDDED = "embedded"
 TEXT_COLUMN = "text"
 IDS_COLUMN = "ids"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

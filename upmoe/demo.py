@@ -159,7 +159,7 @@ def run(name: str, args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     plan = Plan(args.pretrain_steps, args.train_steps, args.micro_batch)
-    out = args.out
+    out = args.out.absolute()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     runs = out / "runs"
