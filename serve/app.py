@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -109,28 +108,10 @@ class ModelServer:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         """Stream the request's events, coalesced: each message carries everything that arrived meanwhile.
 
-        Every message is a hop through Ray to the ingress, so under load one message per step per request
-        (not per token) is what keeps the replica's event loop from becoming the bottleneck. If the caller
-        goes away, the sequence is cancelled.
+        Every message is a hop through Ray to the ingress (and another to the HTTP proxy), so the first message
+        goes at once and later ones at most every STREAM_INTERVAL_S. If the caller goes away, the sequence is
+        cancelled.
         """
-        events = self._subscribe(request)
-        async for batch in events:
-            yield batch
-
-    async def complete(self, request: GenerationRequest) -> tuple[str, Finished]:
-        """The whole text and how it ended, in one message (non-streaming requests)."""
-        parts: list[str] = []
-        async for batch in self._subscribe(request):
-            for event in batch:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    return "".join(parts), event
-                elif isinstance(event, Failed):
-                    raise EngineFailedError(event.message)
-        raise EngineFailedError("the request ended without finishing")
-
-    async def _subscribe(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -156,6 +137,19 @@ class ModelServer:
         finally:
             self.engine.cancel(seq)
 
+    async def complete(self, request: GenerationRequest) -> tuple[str, Finished]:
+        """The whole text and how it ended, in one message (non-streaming requests)."""
+        parts: list[str] = []
+        async for batch in self.generate(request):
+            for event in batch:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    return "".join(parts), event
+                elif isinstance(event, Failed):
+                    raise EngineFailedError(event.message)
+        raise EngineFailedError("the request ended without finishing")
+
     def check_health(self) -> None:
         if self.engine.failure is not None:
             raise EngineFailedError(self.engine.failure)
@@ -172,18 +166,9 @@ class ModelServer:
 api = FastAPI(title="upmoe", description="OpenAI-compatible completions from an upmoe model")
 
 
-def _error_response(err: OpenAIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
-
-
 @api.exception_handler(OpenAIError)
 async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
-    return _error_response(err)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    return _error_response(bad_request(_describe(err.errors())))
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 def _describe(errors: Any) -> str:
@@ -295,12 +280,17 @@ class OpenAIIngress:
         card = {"id": self.opts.model_name, "object": "model", "created": 0, "owned_by": "upmoe"}
         return JSONResponse({"object": "list", "data": [card]})
 
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
+    async def _accept(self, request: Request, model_cls: type) -> Any:
+        """Authorise, parse and validate a POST body; refuse what this endpoint does not do."""
         self._authorize(request)
-        body: CompletionRequest = await _parse(request, CompletionRequest)
+        body = await _parse(request, model_cls)
         body.refuse_unsupported()
         self._check_model(body.model)
+        return body
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        body: CompletionRequest = await self._accept(request, CompletionRequest)
         if isinstance(body.prompt, str):
             prompt_ids = self.tokenizer.encode(body.prompt)
         elif body.prompt and isinstance(body.prompt[0], str):
@@ -313,10 +303,7 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        self._authorize(request)
-        body: ChatRequest = await _parse(request, ChatRequest)
-        body.refuse_unsupported()
-        self._check_model(body.model)
+        body: ChatRequest = await self._accept(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))

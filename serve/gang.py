@@ -12,6 +12,7 @@ Shape legend: T tokens in the step (identical on every rank: attention is replic
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 from datetime import timedelta
@@ -135,7 +136,7 @@ class GangRunner:
             options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus_per_rank}
             if strategy is not None:
                 options["scheduling_strategy"] = strategy
-            rank_spec = ShardSpec(**{**spec.__dict__, "ep_rank": rank})
+            rank_spec = dataclasses.replace(spec, ep_rank=rank)
             self.workers.append(worker_cls.options(**options).remote(rank_spec, master))
         joins = [w.join.remote() for w in self.workers]
         self.shard = join_gang(spec, master)

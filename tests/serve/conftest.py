@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serve_testlib import free_port
+
+from tests.testlib import free_port
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,7 @@
-"""Helpers for the serving tests: free ports and endpoints deployed for the length of a ``with`` block."""
+"""Helpers for the serving tests: endpoints deployed for the length of a ``with`` block, background load."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -10,12 +9,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

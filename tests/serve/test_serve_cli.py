@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import yaml
-from serve_testlib import free_port
 
 from serve.launch import serve_config
 from serve.options import load_serve_options
+from tests.testlib import free_port
 
 UPMOE = [sys.executable, "-m", "upmoe.cli"]
 

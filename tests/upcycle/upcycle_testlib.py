@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moe_core.checkpoint_io import TensorReader
-from tests.cli_helpers import CliResult, run_cli  # noqa: F401  (re-exported for the upcycle tests)
+from tests.testlib import CliResult, run_cli  # noqa: F401  (re-exported for the upcycle tests)
 
 # The tokenizer files `upmoe init` writes; copied next to transformers-made sources so evaluation works.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

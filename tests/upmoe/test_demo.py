@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.serve_testlib import free_port
+from tests.testlib import free_port
 
 pytestmark = pytest.mark.slow
 

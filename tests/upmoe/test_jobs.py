@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import psutil
 import pytest
 import requests
 
-from tests.cli_helpers import CliResult, run_cli
+from tests.testlib import CliResult, free_port, run_cli
 
 # The SDK's own log follower trips aiohttp's deprecation of ssl=None; nothing upmoe passes.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")]
@@ -57,12 +56,6 @@ class Cluster:
 def upmoe_process(*args: str | Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "upmoe.cli", *map(str, args)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes_naming(path: Path) -> list[str]:

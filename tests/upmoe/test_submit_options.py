@@ -3,12 +3,11 @@ fail before anything is sent (so a typo never becomes a job)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import run_cli
+from tests.testlib import free_port, run_cli
 from upmoe.jobs import (
     WORKING_DIR_EXCLUDES,
     build_runtime_env,
@@ -22,12 +21,6 @@ from upmoe.ray_auth import auth_failure_message, find_token
 def _run(*args: str | Path) -> tuple[int, str, str]:
     result = run_cli(*args)
     return result.rc, result.out, result.err
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -111,7 +104,7 @@ def test_entrypoint_runs_the_clusters_upmoe(tmp_path: Path) -> None:
 
 
 def test_mistakes_fail_before_contacting_the_cluster() -> None:
-    address = f"http://127.0.0.1:{_closed_port()}"  # any contact would fail with "cannot reach"
+    address = f"http://127.0.0.1:{free_port()}"  # any contact would fail with "cannot reach"
     rc, _, err = _run("submit", "--address", address, "init", "x")
     assert rc == 2 and "invalid choice: 'init'" in err
     rc, _, err = _run("submit", "--address", address, "train", "--no-such-flag")

@@ -1,10 +1,11 @@
-"""Running ``upmoe`` in the test process: faster than a subprocess, and argparse's exits become return codes."""
+"""Helpers shared across the test directories: ``upmoe`` in the test process, and free TCP ports."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,3 +31,10 @@ def run_cli(*args: str | Path) -> CliResult:
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 1
     return CliResult(rc, out.getvalue(), err.getvalue())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a server a test starts, or to refuse a connection)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
