@@ -1,7 +1,9 @@
 """The defining EP test: EP=N over N CPU processes (gloo) trains exactly like one process with every expert.
 
-Same global batch and data order; per-step losses and the weights after 3 AdamW steps agree within 1e-5
-(fp32). Also EP=2 × DP=2 on 4 processes vs one process, and the layout's validation.
+Same global batch and data order; per-step losses, the first step's reduced gradients and the weights after 3
+AdamW steps agree within 1e-5 (fp32), compared as ``train_parity`` explains (weights where Adam's update is
+well-conditioned). Also EP=2 × DP=2 on 4 processes vs one process, and the layout's validation. Each spawn also
+trains once with expert gradients reduced over the whole world (the wrong group), which the check must reject.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from train_parity import TOL, ConditioningTracker, assert_matches, max_diffs
 
 from moe_core.loading import load_model, save_model
 from moe_core.model import CausalLM, next_token_loss
@@ -20,9 +23,9 @@ from moe_core.registry import get_preset
 from moe_train.expert_parallel import (
     ParallelLayout,
     ParallelLayoutError,
+    ProcessGroups,
     build_process_groups,
     install_expert_parallel,
-    is_expert_param,
     reduce_gradients,
 )
 
@@ -42,9 +45,10 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _reference(model_dir: Path, world: int) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _reference(model_dir: Path, world: int) -> tuple[dict, ConditioningTracker]:
     model = load_model(model_dir).train()
     opt = _optimizer(model)
+    tracker = ConditioningTracker(model, opt)
     losses, first_grads = [], {}
     for batch in _batches(world):
         loss = next_token_loss(model(batch).logits, batch)
@@ -52,13 +56,21 @@ def _reference(model_dir: Path, world: int) -> tuple[list[float], dict[str, torc
         loss.backward()
         first_grads = first_grads or _grads(model)
         opt.step()
+        tracker.after_step()
         losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, first_grads
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "state": state, "grads": first_grads}, tracker
 
 
-def _worker(rank: int, world: int, ep: int, model_dir: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
+@torch.no_grad()
+def _reduce_over_world(model: torch.nn.Module, groups: ProcessGroups) -> None:
+    """The bug the parity check must catch: expert gradients averaged over every rank, not their expert-DP group."""
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        p.grad.div_(groups.layout.world_size)
+
+
+def _train(rank: int, world: int, ep: int, model_dir: str, reduce) -> dict:
     cfg = get_preset("debug-moe")
     layout = ParallelLayout(world_size=world, ep_size=ep, num_experts=cfg.num_experts)
     groups = build_process_groups(layout)
@@ -73,23 +85,29 @@ def _worker(rank: int, world: int, ep: int, model_dir: str, out_dir: str) -> Non
         loss = next_token_loss(model(mine).logits, mine)
         opt.zero_grad()
         loss.backward()
-        reduce_gradients(model, groups)
+        reduce(model, groups)
         first_grads = first_grads or _grads(model)
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total) / world)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    record = {"losses": losses, "state": state, "grads": first_grads, "first": layout.first_expert(rank)}
-    torch.save(record, f"{out_dir}/rank{rank}.pt")
+    return {"losses": losses, "state": state, "grads": first_grads, "first": layout.first_expert(rank)}
+
+
+def _worker(rank: int, world: int, ep: int, model_dir: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
+    for variant, reduce in (("right", reduce_gradients), ("wrong-group", _reduce_over_world)):
+        torch.save(_train(rank, world, ep, model_dir, reduce), f"{out_dir}/{variant}-rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _run_parallel(tmp_path: Path, model_dir: Path, world: int, ep: int) -> list[dict]:
+def _run_parallel(tmp_path: Path, model_dir: Path, world: int, ep: int) -> dict[str, list[dict]]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     mp.spawn(_worker, args=(world, ep, str(model_dir), str(tmp_path)), nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return {v: [torch.load(tmp_path / f"{v}-rank{r}.pt") for r in range(world)] for v in ("right", "wrong-group")}
 
 
 @pytest.fixture(scope="module")
@@ -105,28 +123,26 @@ def model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _assert_same_training(results: list[dict], reference: tuple[list[float], dict, dict], ep: int) -> None:
-    ref_losses, ref_state, ref_grads = reference
-    per_rank = 64 // ep
-    for r in results:
-        assert r["losses"] == pytest.approx(ref_losses, abs=1e-5)
-        for kind, ref in (("grads", ref_grads), ("state", ref_state)):
-            assert set(r[kind]) == set(ref)
-            for name, value in r[kind].items():
-                expected = ref[name][r["first"] : r["first"] + per_rank] if is_expert_param(name) else ref[name]
-                assert (value - expected).abs().max().item() <= 1e-5, f"{kind} {name}"
+def _assert_same_training(results: dict[str, list[dict]], model_dir: Path, world: int, ep: int) -> None:
+    ref, tracker = _reference(model_dir, world)
+    for rank, record in enumerate(results["right"]):
+        diffs = max_diffs(record, ref, tracker, per_rank=64 // ep)
+        print(f"EP={ep} world={world} rank {rank}: {diffs}")
+        assert_matches(diffs, f"rank {rank}")
+    for rank, record in enumerate(results["wrong-group"]):
+        diffs = max_diffs(record, ref, tracker, per_rank=64 // ep)
+        print(f"EP={ep} world={world} rank {rank}, expert gradients reduced over the world: {diffs}")
+        assert diffs["grads"] > 100 * TOL and diffs["weights"] > 10 * TOL, diffs
 
 
 @pytest.mark.slow
 def test_ep2_matches_single_process(tmp_path: Path, model_dir: Path) -> None:
-    results = _run_parallel(tmp_path, model_dir, world=2, ep=2)
-    _assert_same_training(results, _reference(model_dir, world=2), ep=2)
+    _assert_same_training(_run_parallel(tmp_path, model_dir, world=2, ep=2), model_dir, world=2, ep=2)
 
 
 @pytest.mark.slow
 def test_ep2_dp2_matches_single_process(tmp_path: Path, model_dir: Path) -> None:
-    results = _run_parallel(tmp_path, model_dir, world=4, ep=2)
-    _assert_same_training(results, _reference(model_dir, world=4), ep=2)
+    _assert_same_training(_run_parallel(tmp_path, model_dir, world=4, ep=2), model_dir, world=4, ep=2)
 
 
 def test_layout_groups_and_validation() -> None:

@@ -2,17 +2,14 @@
 
 Each case runs the training loop's own pieces (``build_rank_model``, ``build_stepper``,
 ``accumulate_global_batch``) for 3 optimizer steps on the same global batches as a single process holding every
-expert, which uses torch's AdamW and ``clip_grad_norm_`` directly. Compared: per-step losses and gradient norms,
-the first step's reduced gradients (before clipping) and the weights after 3 steps, all within 1e-5 (fp32).
+expert, which uses torch's AdamW and ``clip_grad_norm_`` directly. Compared, as ``train_parity`` explains: per-step
+losses and gradient norms, the first step's reduced gradients (before clipping) and the weights after 3 steps
+where Adam's update is well-conditioned, all within 1e-5 (fp32).
 
 Adam's update g / (√v + ε) is nearly blind to how gradients are scaled, so the gradient and norm comparisons are
 what catch a scaling mistake; the weights comparison catches the rest (partitioning, the update, the schedule).
-The learning rate is test_expert_parallel's 1e-3. At that rate the weights' margin is set by a few embedding
-elements whose gradient cancels to about ε = 1e-8, where fp32 summation-order noise moves Adam's update: these
-cases measure at most 8e-6, and the plain zero-stage-0 path behaves alike (EP=2×DP=2 with clipping and
-accumulation together reaches 2.0e-5 under ZeRO-2 and 1.7e-5 on the plain path, so that combination is left
-out). Losses, norms and gradients
-agree to about 1e-6.
+One case marks the experts with DeepSpeed's EP=1 groups, so it reduces expert gradients over the whole world: the
+check must reject it.
 """
 
 from __future__ import annotations
@@ -24,16 +21,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from train_parity import TOL, ConditioningTracker, assert_matches, max_diffs
 
 from moe_core.loading import load_model, save_model
 from moe_core.model import CausalLM, next_token_loss
 from moe_core.registry import get_preset
 from moe_train.config import TrainConfig, load_train_config
-from moe_train.expert_parallel import is_expert_param
 from moe_train.loop import accumulate_global_batch, build_rank_model, build_stepper, lr_at, mean_over_ranks
 from moe_train.optim import build_adamw
 
-STEPS, ROWS_PER_RANK, SEQ, LR, TOL = 3, 2, 24, 1e-3, 1e-5
+STEPS, ROWS_PER_RANK, SEQ, LR = 3, 2, 24, 1e-3
+WRONG_GROUP = "-wrong-group"  # a case whose expert gradients DeepSpeed reduces over the whole world
 
 
 def _batches(world: int) -> list[torch.Tensor]:
@@ -59,10 +57,11 @@ def _config(model_dir: Path, *, world: int, ep: int, zero_stage: int, grad_accum
     )
 
 
-def _reference(model_dir: Path, cfg: TrainConfig, world: int) -> dict:
+def _reference(model_dir: Path, cfg: TrainConfig, world: int) -> tuple[dict, ConditioningTracker]:
     """One process, every expert, the whole global batch at once: torch AdamW and clip_grad_norm_."""
     model = load_model(model_dir).train()
     opt = build_adamw(model.parameters(), cfg)
+    tracker = ConditioningTracker(model, opt)
     losses, norms, first_grads = [], [], {}
     for step, batch in enumerate(_batches(world)):
         for group in opt.param_groups:
@@ -74,8 +73,9 @@ def _reference(model_dir: Path, cfg: TrainConfig, world: int) -> dict:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
         opt.step()
+        tracker.after_step()
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "grads": first_grads, "state": model.state_dict()}
+    return {"losses": losses, "norms": norms, "grads": first_grads, "state": model.state_dict()}, tracker
 
 
 def _train(rank: int, world: int, cfg: TrainConfig) -> dict:
@@ -96,30 +96,35 @@ def _train(rank: int, world: int, cfg: TrainConfig) -> dict:
     return {"losses": losses, "norms": norms, "grads": first_grads, "state": state, "first": first}
 
 
+def _mark_experts_with_world_group() -> None:
+    """The bug the check must catch: expert parameters marked with DeepSpeed's EP=1 groups, whose expert-DP group
+    is the whole world, so their gradients are averaged with other experts'. Stays on for the process."""
+    from deepspeed.utils import groups as ds_groups
+
+    import moe_train.zero
+
+    right = moe_train.zero.mark_expert_params
+
+    def mark_wrong(model: torch.nn.Module, group_name: str) -> None:
+        wrong = moe_train.zero.expert_group_name(1)
+        if wrong not in ds_groups._get_expert_data_parallel_group_dict():
+            ds_groups._create_expert_and_data_parallel(1)
+        right(model, wrong)
+
+    moe_train.zero.mark_expert_params = mark_wrong
+
+
 def _worker(rank: int, world: int, configs: dict[str, dict], out_dir: str) -> None:
     """Every case of one world size in one process group: spawning and importing DeepSpeed once saves time."""
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed insists on it; Ray Train sets it for real runs
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/pg", rank=rank, world_size=world)
     for case, config in configs.items():
+        if case.endswith(WRONG_GROUP):
+            _mark_experts_with_world_group()
         torch.save(_train(rank, world, TrainConfig(**config)), f"{out_dir}/{case}-rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _max_diffs(record: dict, ref: dict, per_rank: int) -> dict[str, float]:
-    def local(name: str, full: torch.Tensor) -> torch.Tensor:
-        return full[record["first"] : record["first"] + per_rank] if is_expert_param(name) else full
-
-    diffs = {
-        "loss": max(abs(a - b) for a, b in zip(record["losses"], ref["losses"], strict=True)),
-        "grad_norm": max(abs(a - b) for a, b in zip(record["norms"], ref["norms"], strict=True)),
-    }
-    for kind in ("grads", "state"):
-        if record[kind]:
-            assert set(record[kind]) == set(ref[kind])
-            diffs[kind] = max((v - local(n, ref[kind][n])).abs().max().item() for n, v in record[kind].items())
-    return diffs
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,8 @@ CASES = {
     "ep2-zero0-accum2-clip": (2, 2, 0, 2, 0.5),  # the plain path in the same harness, for comparison
     "ep2xdp2-zero2-clip": (4, 2, 2, 1, 0.5),
     "ep2xdp2-zero1-accum2": (4, 2, 1, 2, 0.0),
+    # Last in its world: the marking stays off for the rest of the process.
+    "ep2xdp2-zero2-clip" + WRONG_GROUP: (4, 2, 2, 1, 0.5),
 }
 
 
@@ -165,14 +172,17 @@ def runs(tmp_path_factory, model_dir: Path) -> dict[int, Path]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_zero_matches_single_process(case: str, runs: dict[int, Path], model_dir: Path) -> None:
     world, ep, zero_stage, _, grad_clip = CASES[case]
-    ref = _reference(model_dir, TrainConfig(**_case_config(model_dir, case)), world)
+    ref, tracker = _reference(model_dir, TrainConfig(**_case_config(model_dir, case)), world)
     if grad_clip:
         assert min(ref["norms"]) > grad_clip, "the case should clip"
     for rank in range(world):
-        diffs = _max_diffs(torch.load(runs[world] / f"{case}-rank{rank}.pt"), ref, per_rank=64 // ep)
-        print(f"{case} rank {rank}: max abs diff {diffs}")
-        assert {"loss", "grad_norm", "state"} <= set(diffs) and (zero_stage == 0 or "grads" in diffs)
-        assert all(d <= TOL for d in diffs.values()), diffs
+        diffs = max_diffs(torch.load(runs[world] / f"{case}-rank{rank}.pt"), ref, tracker, per_rank=64 // ep)
+        print(f"{case} rank {rank}: {diffs}")
+        assert "grad_norm" in diffs and (zero_stage == 0 or "grads" in diffs)
+        if case.endswith(WRONG_GROUP):
+            assert diffs["grads"] > 100 * TOL and diffs["weights"] > 10 * TOL, diffs
+        else:
+            assert_matches(diffs, f"{case} rank {rank}")
 
 
 def test_zero_stage_option(tmp_path: Path) -> None:
