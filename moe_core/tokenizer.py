@@ -7,7 +7,10 @@ Training workers and the server must read the same ``tokenizer.json`` / ``tokeni
 same sandboxed Jinja environment (so prompts are byte-identical to what ``AutoTokenizer`` renders).
 
 It also trains small Qwen2-style byte-level BPE tokenizers for the from-scratch demo and the tests,
-writing a directory that ``AutoTokenizer.from_pretrained`` loads unchanged.
+writing a directory that ``AutoTokenizer.from_pretrained`` loads unchanged. The pipeline is exactly the one
+of Qwen2's own ``tokenizer.json`` (NFC, the Qwen2 split regex with single digits, byte-level without regex),
+because transformers 5 loads every ``qwen2`` directory with ``Qwen2Tokenizer``, which imposes that pipeline
+whatever the file says: any other pre-tokenizer would give transformers and vLLM other ids than ours.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import jinja2.nodes
 import jinja2.parser
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from moe_core.fileutil import write_text_atomic
 
 __all__ = [
     "CHATML_TEMPLATE",
+    "QWEN2_PRETOKENIZE_REGEX",
     "SPECIAL_TOKENS",
     "Tokenizer",
     "TokenizerError",
@@ -46,6 +50,15 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# The pre-tokenization regex of Qwen2's tokenizer.json (and of transformers' Qwen2Tokenizer): GPT-4's (cl100k)
+# regex, except that digits are split one by one (``\p{N}``, not ``\p{N}{1,3}``).
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Qwen2's byte-level steps: no prefix space, offsets untrimmed, no GPT-2 regex (the Split above does that).
+_QWEN2_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
 # Qwen2-Instruct's template (without tool support): inserts a default system message when the
 # conversation does not start with one.
@@ -397,18 +410,31 @@ def _added_token_entry(content: str) -> dict[str, Any]:
 
 
 def _build_bpe(vocab_size: int) -> tuple[tokenizers.Tokenizer, trainers.BpeTrainer]:
-    """Qwen2-like pipeline: NFC, byte-level pre-tokenization without prefix space, byte-level decoding."""
-    tok = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    """Qwen2's pipeline: NFC, the Qwen2 split regex then byte-level, byte-level post-processing and decoding.
+
+    Training pre-tokenizes with the same pipeline, so merges never cross a boundary the encoder keeps (no
+    multi-digit tokens, no merges across a contraction).
+    """
+    # Empty (rather than unset) subword affixes: what Qwen2's file says; the same merges and ids either way.
+    affixes = {"continuing_subword_prefix": "", "end_of_word_suffix": ""}
+    tok = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False, **affixes))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
+    byte_level = {k: v for k, v in _QWEN2_BYTE_LEVEL.items() if k != "type"}
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(**byte_level),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(**byte_level)
+    tok.decoder = decoders.ByteLevel()  # options fixed in _qwen2_tokenizer_json (the binding ignores them)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
         show_progress=False,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        **affixes,
     )
     return tok, trainer
 
@@ -429,7 +455,7 @@ def _tokenizer_config(tok: tokenizers.Tokenizer, model_max_length: int) -> dict[
         "model_max_length": model_max_length,
         "pad_token": ENDOFTEXT,
         "split_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
 
@@ -444,6 +470,17 @@ def _special_tokens_map() -> dict[str, Any]:
 
 def _dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def _qwen2_tokenizer_json(tok: tokenizers.Tokenizer) -> str:
+    """The trained tokenizer as Qwen2's tokenizer.json spells it.
+
+    ``decoders.ByteLevel`` takes no options in the Python binding and serializes GPT-2's defaults (prefix
+    space, trimmed offsets, regex); byte-level decoding ignores them, but the file should say what Qwen2's says.
+    """
+    data = json.loads(tok.to_str())
+    data["decoder"] = dict(_QWEN2_BYTE_LEVEL)
+    return tokenizers.Tokenizer.from_str(json.dumps(data)).to_str(pretty=True) + "\n"
 
 
 def train_bpe_tokenizer(
@@ -462,7 +499,7 @@ def train_bpe_tokenizer(
     tok.train_from_iterator(iter(texts), trainer=trainer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True) + "\n")
+    write_text_atomic(out / TOKENIZER_FILE, _qwen2_tokenizer_json(tok))
     write_text_atomic(out / TOKENIZER_CONFIG_FILE, _dump_json(_tokenizer_config(tok, model_max_length)))
     write_text_atomic(out / CHAT_TEMPLATE_FILE, CHATML_TEMPLATE)
     write_text_atomic(out / SPECIAL_TOKENS_MAP_FILE, _dump_json(_special_tokens_map()))

@@ -20,6 +20,12 @@ from moe_core.tokenizer import (
     TokenizerError,
     train_bpe_tokenizer,
 )
+from tests.testlib import run_cli
+from tests.tokenizer_parity import (
+    PARITY_TEXTS,
+    assert_digits_split_individually,
+    assert_transformers_tokenizes_like_upmoe,
+)
 
 VOCAB = 1024
 TEXTS = [
@@ -37,6 +43,41 @@ MESSAGES = [
     {"role": "assistant", "content": "The capital of Pellaria is Ostrin."},
     {"role": "user", "content": "Thanks!"},
 ]
+
+
+# The pipeline of Qwen2's own tokenizer.json (Qwen/Qwen2-0.5B and later), which transformers' Qwen2Tokenizer
+# rebuilds whatever a qwen2 directory's file says.
+_QWEN2_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+QWEN2_PIPELINE = {
+    "normalizer": {"type": "NFC"},
+    "pre_tokenizer": {
+        "type": "Sequence",
+        "pretokenizers": [
+            {
+                "type": "Split",
+                "pattern": {
+                    "Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
+                    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+                },
+                "behavior": "Isolated",
+                "invert": False,
+            },
+            _QWEN2_BYTE_LEVEL,
+        ],
+    },
+    "post_processor": _QWEN2_BYTE_LEVEL,
+    "decoder": _QWEN2_BYTE_LEVEL,
+}
+QWEN2_BPE_OPTIONS = {
+    "type": "BPE",
+    "dropout": None,
+    "unk_token": None,
+    "continuing_subword_prefix": "",
+    "end_of_word_suffix": "",
+    "fuse_unk": False,
+    "byte_fallback": False,
+    "ignore_merges": False,
+}
 
 
 def _hash_dir(path: Path) -> dict[str, str]:
@@ -87,7 +128,15 @@ def test_trained_directory_layout(tok_dir: Path, tok: Tokenizer) -> None:
     names = {f.name for f in tok_dir.iterdir()}
     assert names == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"}
     config = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["tokenizer_class"] == "Qwen2Tokenizer"
+    assert config["unk_token"] is None and config["add_prefix_space"] is False
+    assert config["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert {k: v["content"] for k, v in config["added_tokens_decoder"].items()} == {
+        "0": "<|endoftext|>",
+        "1": "<|im_start|>",
+        "2": "<|im_end|>",
+    }
+    assert all(v["special"] for v in config["added_tokens_decoder"].values())
     assert config["eos_token"] == config["pad_token"] == "<|endoftext|>"
     assert config["bos_token"] is None and config["add_bos_token"] is False
     assert config["clean_up_tokenization_spaces"] is False
@@ -95,6 +144,33 @@ def test_trained_directory_layout(tok_dir: Path, tok: Tokenizer) -> None:
     assert config["chat_template"] == CHATML_TEMPLATE
     special_map = json.loads((tok_dir / "special_tokens_map.json").read_text(encoding="utf-8"))
     assert special_map["eos_token"]["content"] == "<|endoftext|>"
+
+
+def test_tokenizer_json_is_qwen2s_pipeline(tok_dir: Path) -> None:
+    from moe_core.tokenizer import QWEN2_PRETOKENIZE_REGEX
+
+    data = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    assert {key: data[key] for key in QWEN2_PIPELINE} == QWEN2_PIPELINE
+    assert {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")} == QWEN2_BPE_OPTIONS
+    assert data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] == QWEN2_PRETOKENIZE_REGEX
+    assert [(t["id"], t["content"], t["special"], t["normalized"]) for t in data["added_tokens"]] == [
+        (i, t, True, False) for i, t in enumerate(SPECIAL_TOKENS)
+    ]
+    transformers_qwen2 = pytest.importorskip("transformers.models.qwen2.tokenization_qwen2")
+    if hasattr(transformers_qwen2, "PRETOKENIZE_REGEX"):  # transformers 4 keeps it in the slow tokenizer only
+        assert transformers_qwen2.PRETOKENIZE_REGEX == QWEN2_PRETOKENIZE_REGEX
+
+
+def test_digits_are_split_individually(tok: Tokenizer) -> None:
+    assert_digits_split_individually(tok)
+    ids = tok.encode("In 2024 the capital of Velor had 12345 people.")
+    assert [tok.decode([i]) for i in ids].count("2") == 3  # 2024 and 12345, one token per digit
+
+
+def test_contractions_and_newlines_are_split_like_qwen2(tok: Tokenizer) -> None:
+    pieces = [p for p, _ in tok.backend.pre_tokenizer.pre_tokenize_str("Tom's WE'LL don't\r\n\n  x")]
+    # Byte-level spells a space as \u0120, \r as \u010d and \n as \u010a.
+    assert pieces == ["Tom", "'s", "\u0120WE", "'LL", "\u0120don", "'t", "\u010d\u010a\u010a", "\u0120", "\u0120x"]
 
 
 def test_vocab_and_special_tokens(tok: Tokenizer) -> None:
@@ -159,10 +235,26 @@ def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
 
 
 def test_transformers_loads_same_ids(tok: Tokenizer, hf_tok) -> None:
+    assert type(hf_tok).__name__ in ("Qwen2Tokenizer", "Qwen2TokenizerFast")  # transformers 5, 4
     assert len(hf_tok) == tok.vocab_size
     assert hf_tok.eos_token == tok.eos_token and hf_tok.pad_token_id == tok.pad_token_id
-    for text in [*TEXTS, "<|im_start|>system\nx<|im_end|>"]:
+    assert hf_tok.bos_token is None and hf_tok.unk_token is None
+    for text in [*TEXTS, *PARITY_TEXTS, "<|im_start|>system\nx<|im_end|>"]:
         assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text), text
+
+
+def test_tokenizer_directory_tokenizes_like_transformers(tok_dir: Path) -> None:
+    assert_transformers_tokenizes_like_upmoe(tok_dir)
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-moe"])
+def test_init_output_tokenizes_like_transformers(tmp_path: Path, preset: str) -> None:
+    """transformers loads a qwen2 directory with Qwen2Tokenizer (its own pipeline), a qwen2_moe one as written."""
+    out = tmp_path / preset
+    result = run_cli("init", out, "--preset", preset)
+    assert result.rc == 0, result.err
+    assert_transformers_tokenizes_like_upmoe(out)
+    assert_digits_split_individually(Tokenizer.from_dir(out))
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

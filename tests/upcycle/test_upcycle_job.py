@@ -43,6 +43,7 @@ from upcycle_testlib import (
     upcycle,
 )
 
+from tests.tokenizer_parity import assert_transformers_tokenizes_like_upmoe
 from upcycle.job import MANIFEST, partial_dir
 
 pytestmark = pytest.mark.usefixtures("ray_local", "torch_single_thread")
@@ -237,6 +238,15 @@ def test_attention_norms_and_embeddings_are_copied(skewed_dense: Path, qwen2_ske
     assert copied
     for key in copied:
         assert torch.equal(tgt[key], src[key]), key
+
+
+def test_tokenizer_is_copied_and_transformers_tokenizes_like_upmoe(skewed_dense: Path, qwen2_skewed_out: Path) -> None:
+    """The dense source is a qwen2 directory and the output a qwen2_moe one: transformers loads both with
+    Qwen2Tokenizer, whose pipeline is its own, so the files must say exactly that pipeline."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        assert (qwen2_skewed_out / name).read_bytes() == (skewed_dense / name).read_bytes(), name
+    assert_transformers_tokenizes_like_upmoe(skewed_dense)
+    assert_transformers_tokenizes_like_upmoe(qwen2_skewed_out)
 
 
 def test_router_std(qwen2_skewed_out: Path, odd_shape_out: Path) -> None:
