@@ -107,14 +107,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
         **_QWEN_TOKENS,
     ),
     # Tiny shapes: every test and the demo use these. Token ids match the tokenizer `upmoe init` trains
-    # (<|endoftext|> is id 0 there).
+    # (<|endoftext|> is id 0 there). Attention is 2 query heads of 32 sharing 1 KV head (GQA): vLLM's CPU
+    # attention refuses head_dim < 32, and head_dim = hidden_size / num_attention_heads (no explicit head_dim).
     "debug": dict(
         vocab_size=1024,
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=2048,
         rope_theta=1e6,
         tie_word_embeddings=False,

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2MoeConfig
 
 from moe_core.config import ConfigError, ModelConfig, ModelType, load_config, save_config
-from moe_core.registry import get_preset
+from moe_core.params import count_parameters
+from moe_core.registry import get_preset, preset_names
 from moe_core.rope import rope_frequencies
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -264,6 +265,29 @@ def test_qwen2_7b_public_config_matches_preset(tmp_path: Path) -> None:
     assert cfg.attn_head_dim == 128
     # The public file round-trips exactly: no key added (not even nulls for keys it leaves out), none changed.
     assert cfg.to_hf_dict() == QWEN2_7B_CONFIG_JSON
+
+
+# Tiny presets: the shapes the tests and the demo use (every public preset has >= 0.5B parameters).
+TINY_PRESETS = [n for n in preset_names() if count_parameters(get_preset(n)).total < 10**8]
+
+
+def test_tiny_presets_are_found() -> None:
+    assert {"debug", "debug-moe"} <= set(TINY_PRESETS)
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_tiny_presets_fit_vllm_cpu_attention(name: str, tmp_path: Path) -> None:
+    """vLLM's CPU attention refuses head_dim < 32 ("Unsupported CPU attention configuration: head_dim=16"), so
+    a tiny checkpoint must have heads of >= 32 to be served by vLLM; it keeps GQA (more query than KV heads)
+    so the grouped KV path stays covered."""
+    cfg = get_preset(name)
+    assert cfg.attn_head_dim >= 32
+    assert cfg.num_attention_heads > cfg.num_key_value_heads
+    # transformers (and vLLM, with the same rule) derive the same head_dim from the config.json we write.
+    save_config(cfg, tmp_path)
+    hf = AutoConfig.from_pretrained(tmp_path)
+    assert (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads) == cfg.attn_head_dim
+    assert (hf.num_attention_heads, hf.num_key_value_heads) == (cfg.num_attention_heads, cfg.num_key_value_heads)
 
 
 def test_preset_written_by_us_is_read_by_transformers(tmp_path: Path) -> None:

@@ -189,7 +189,8 @@ def test_cache_shapes_and_size() -> None:
     assert cache.num_slots == 3
     # One scratch column past max_tokens takes the writes of right-padding tokens.
     assert cache.k.shape == (cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 11, cfg.attn_head_dim)
-    assert cache.nbytes() == 2 * 2 * 3 * 2 * 11 * 16 * 2
+    assert cache.k.shape == (2, 3, 1, 11, 32)  # layers, slots, kv heads, max_tokens + 1, head_dim
+    assert cache.nbytes() == 2 * 2 * 3 * 1 * 11 * 32 * 2  # k and v, bf16
     assert cache.positions(torch.tensor([0, 2]), 3, torch.tensor([3, 2])).tolist() == [[0, 1, 2], [0, 1, 10]]
 
 

@@ -45,7 +45,8 @@ CASES = {
     "moe-mixed": _case("debug-moe", mlp_only_layers=[0]),
     "moe-norm-topk": _case("debug-moe", norm_topk_prob=True),
     "moe-no-qkv-bias": _case("debug-moe").replace(extra={"qkv_bias": False}),
-    "dense-head-dim-32": _case("debug", head_dim=32),
+    # An explicit head_dim other than hidden_size / num_attention_heads (64 vs 32): q is 128 wide, hidden 64.
+    "dense-head-dim-64": _case("debug", head_dim=64),
     "moe-mixed-norm-topk-v5": _case(
         "debug-moe", num_hidden_layers=3, mlp_only_layers=[1], norm_topk_prob=True, rope_format="v5"
     ),
@@ -138,7 +139,7 @@ def test_our_checkpoint_loads_into_transformers(name: str, tmp_path: Path) -> No
         for mine, theirs in zip(got.router_logits, want.router_logits, strict=True):
             assert _max_diff(mine, theirs.reshape(mine.shape)) <= TOL
         # transformers adds coef * aux to the loss; its aux_loss is the Switch loss over all MoE layers.
-        aux = load_balancing_loss(got.router_logits, cfg.num_experts_per_tok)
+        aux = load_balancing_loss(got.routings)
         assert abs(aux.item() - want.aux_loss.item()) <= TOL
         ce = want.loss - cfg.router_aux_loss_coef * want.aux_loss
         assert abs(next_token_loss(got.logits, ids).item() - ce.item()) <= TOL

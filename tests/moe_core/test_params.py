@@ -82,7 +82,7 @@ def test_public_presets_equal_transformers_on_meta(name: str, tmp_path: Path) ->
 def test_debug_moe_activated_by_hand() -> None:
     cfg = get_preset("debug-moe")
     d, v, f_expert, n_layers = 64, 1024, 32, 2
-    q, kv = 4 * 16, 2 * 16  # 4 query heads, 2 kv heads of 16
+    q, kv = 2 * 32, 1 * 32  # 2 query heads, 1 kv head of 32
     attention = d * q + 2 * d * kv + (q + 2 * kv) + q * d  # q, k, v (with bias), o
     norms = 2 * d
     router = 64 * d

@@ -78,8 +78,8 @@ def _hf_dense(out: Path, tokenizer_from: Path, kind: str, layers: int, seed: int
         hidden_size=HIDDEN,
         intermediate_size=FFN,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,  # the `debug` preset's attention: 2 query heads of 32, 1 KV head
+        num_key_value_heads=1,
         vocab_size=VOCAB,
         max_position_embeddings=2048,
         tie_word_embeddings=False,

@@ -19,7 +19,8 @@ from tests.testlib import CliResult, run_cli  # noqa: F401  (re-exported for the
 # The tokenizer files `upmoe init` writes; copied next to transformers-made sources so evaluation works.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-# Shape of the `debug` preset (and of the transformers-made sources): hidden, FFN width, layers, vocab.
+# Shape of the `debug` preset (and of the transformers-made sources): hidden, FFN width, layers, vocab
+# (attention: 2 query heads of 32, 1 KV head).
 HIDDEN, FFN, LAYERS, VOCAB = 64, 256, 2, 1024
 REPORT = "upcycle_report.json"
 
