@@ -7,14 +7,24 @@ routed to e (Σ_e f_e = K) and P_e the mean router probability. It equals K at p
 transformers' ``load_balancing_loss_func``, the statistics of all layers are pooled before the product.
 The global-batch variant takes f from counts already summed over a data-parallel group (the Qwen team's
 later finding: balance over the global batch, not each micro-batch, lets experts specialise).
+
+The statistics read the ``Routing`` each MoE layer's forward returned rather than redoing softmax and top-k
+from the logits: f_e counts the experts the forward selected (with the aux-loss-free ``selection_bias``, not
+the plain top-k of the probabilities), P_e averages its unbiased fp32 probabilities. With a zero bias this is
+exactly transformers' loss.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from moe_core.moe import Routing
 
 
 @dataclass
@@ -33,19 +43,24 @@ class RoutingStats:
         )
 
 
-def routing_stats(logits_TE: torch.Tensor, top_k: int, mask_T: torch.Tensor | None = None) -> RoutingStats:
-    """Statistics of one layer from raw router logits; ``mask_T`` (1 = real token) excludes padding."""
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    experts_TK = torch.topk(probs_TE, top_k, dim=-1).indices
+def routing_stats(routing: Routing, mask_T: torch.Tensor | None = None) -> RoutingStats:
+    """Statistics of one layer's routing; ``mask_T`` (1 = real token) excludes padding.
+
+    Counts come from the experts the forward selected, probability sums from its unbiased probabilities.
+    """
+    probs_TE, experts_TK = routing.probs_TE.float(), routing.experts_TK
     weight_T = torch.ones(probs_TE.shape[0], device=probs_TE.device) if mask_T is None else mask_T.float()
     counts_E = torch.zeros(probs_TE.shape[1], device=probs_TE.device).scatter_add_(
-        0, experts_TK.reshape(-1), weight_T.repeat_interleave(top_k)
+        0, experts_TK.reshape(-1), weight_T.repeat_interleave(experts_TK.shape[1])
     )
     return RoutingStats(counts_E, (probs_TE * weight_T[:, None]).sum(0), weight_T.sum())
 
 
-def pooled_stats(logits_per_layer: list[torch.Tensor], top_k: int, mask_T: torch.Tensor | None = None) -> RoutingStats:
-    stats = [routing_stats(logits, top_k, mask_T) for logits in logits_per_layer]
+def pooled_stats(routings: Sequence[Routing], mask_T: torch.Tensor | None = None) -> RoutingStats:
+    """The statistics of every MoE layer of one forward, summed (``mask_T`` applies to each layer alike)."""
+    if not routings:
+        raise ValueError("the load-balancing statistics need the routing of at least one MoE layer")
+    stats = [routing_stats(routing, mask_T) for routing in routings]
     total = stats[0]
     for s in stats[1:]:
         total = total + s
@@ -59,18 +74,13 @@ def switch_loss(stats: RoutingStats) -> torch.Tensor:
     return num_experts * torch.sum(f_E * p_E)
 
 
-def load_balancing_loss(
-    logits_per_layer: list[torch.Tensor], top_k: int, mask_T: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The Switch/HF loss from raw per-layer router logits [T, E] (same value as transformers')."""
-    if not logits_per_layer:
-        raise ValueError("load_balancing_loss needs the router logits of at least one MoE layer")
-    return switch_loss(pooled_stats(logits_per_layer, top_k, mask_T))
+def load_balancing_loss(routings: Sequence[Routing], mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch/HF loss of the per-layer routings of one forward (transformers' value when the bias is zero)."""
+    return switch_loss(pooled_stats(routings, mask_T))
 
 
 def global_load_balancing_loss(
-    logits_per_layer: list[torch.Tensor],
-    top_k: int,
+    routings: Sequence[Routing],
     global_counts_E: torch.Tensor,
     global_num_tokens: torch.Tensor | float,
 ) -> torch.Tensor:
@@ -79,7 +89,7 @@ def global_load_balancing_loss(
     ``global_counts_E``/``global_num_tokens`` are ``pooled_stats(...).counts_E``/``.num_tokens`` all-reduced
     (summed) over the group by the caller, which keeps this function free of any process-group code.
     """
-    local = pooled_stats(logits_per_layer, top_k)
+    local = pooled_stats(routings)
     num_experts = local.counts_E.shape[0]
     f_E = global_counts_E.float() / torch.as_tensor(global_num_tokens, dtype=torch.float32)
     p_E = local.prob_sum_E / local.num_tokens

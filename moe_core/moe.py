@@ -26,9 +26,16 @@ from moe_core.permute import combine_slots, gather_slots, sort_slots_by_expert
 
 @dataclass
 class Routing:
-    logits_TE: torch.Tensor  # raw router logits, input dtype (what the load-balancing loss consumes)
+    """One MoE layer's routing as its forward chose it: what the losses and load metrics read, never recompute.
+
+    ``experts_TK`` is the selection the experts actually ran (top-k of probs + ``selection_bias``), while
+    ``probs_TE`` stays the unbiased softmax: with a nonzero bias, top-k of ``probs_TE`` need not be ``experts_TK``.
+    """
+
+    logits_TE: torch.Tensor  # raw router logits, input dtype (router z-loss, parity with transformers)
+    probs_TE: torch.Tensor  # softmax over all experts, fp32, unbiased, with gradient (the Switch loss's P_e)
     weights_TK: torch.Tensor  # combine weights, input dtype
-    experts_TK: torch.Tensor  # chosen expert ids (long)
+    experts_TK: torch.Tensor  # chosen expert ids (long), bias included (the Switch loss's f_e, expert counts)
 
 
 class Router(nn.Module):
@@ -50,7 +57,7 @@ class Router(nn.Module):
         weights_TK = probs_TE.gather(-1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return Routing(logits_TE, weights_TK.to(logits_TE.dtype), experts_TK)
+        return Routing(logits_TE, probs_TE, weights_TK.to(logits_TE.dtype), experts_TK)
 
 
 class Dispatcher(Protocol):

@@ -29,18 +29,14 @@ def step0_quality(
     moe = load_model(out_dir).eval()
     moe_loss = evaluate_blocks(moe, blocks)
     routings = moe(blocks[: min(8, len(blocks))]).routings
-    logits = [r.logits_TE for r in routings]
     cfg = moe.config
-    per_layer = [
-        load_stats(expert_counts(r.experts_TK, cfg.num_experts), torch.softmax(r.logits_TE.float(), -1))
-        for r in routings
-    ]
+    per_layer = [load_stats(expert_counts(r.experts_TK, cfg.num_experts), r.probs_TE) for r in routings]
     return {
         "eval_tokens": blocks.numel(),
         "seq_len": seq_len,
         "dense_loss": dense_loss,
         "moe_loss": moe_loss,
-        "aux_loss": float(load_balancing_loss(logits, cfg.num_experts_per_tok)),
+        "aux_loss": float(load_balancing_loss(routings)),
         "aux_loss_at_balance": cfg.num_experts_per_tok,
         "router_entropy": sum(s["router_entropy"] for s in per_layer) / len(per_layer),
         "router_entropy_max": per_layer[0]["router_entropy_max"],

@@ -1,4 +1,8 @@
-"""MoE losses and routing statistics, with transformers' load_balancing_loss_func as the oracle."""
+"""MoE losses and routing statistics, with transformers' load_balancing_loss_func as the oracle.
+
+The losses read the ``Routing`` the router returned; ``_route`` gets it from the real ``Router`` for given logits
+(an identity router weight makes the inputs its logits), so the selection under test is the forward's own.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from moe_core.losses import (
     routing_stats,
     switch_loss,
 )
+from moe_core.moe import Router, Routing
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -29,13 +34,31 @@ def _logits(layers: int, tokens: int, experts: int, seed: int = 0, scale: float 
     return [scale * torch.randn(tokens, experts, generator=g) for _ in range(layers)]
 
 
+def _route(logits_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None) -> Routing:
+    """The router's routing of tokens whose router logits are ``logits_TE`` (gradients flow to the logits)."""
+    experts = logits_TE.shape[-1]
+    router = Router(experts, experts, top_k, norm_topk_prob=False).to(logits_TE.dtype)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(experts))
+        if bias_E is not None:
+            router.selection_bias.copy_(bias_E)
+    router.weight.requires_grad_(False)
+    routing = router(logits_TE)
+    assert torch.equal(routing.logits_TE, logits_TE)
+    return routing
+
+
+def _routings(logits: list[torch.Tensor], top_k: int) -> list[Routing]:
+    return [_route(x, top_k) for x in logits]
+
+
 @pytest.mark.parametrize(
     ("layers", "batch", "seq", "experts", "top_k"),
     [(1, 1, 7, 8, 2), (3, 2, 15, 64, 8), (4, 3, 10, 60, 4), (2, 1, 1, 4, 4)],
 )
 def test_load_balancing_loss_equals_transformers(layers, batch, seq, experts, top_k) -> None:
     logits = _logits(layers, batch * seq, experts, scale=2.0)
-    ours = load_balancing_loss(logits, top_k)
+    ours = load_balancing_loss(_routings(logits, top_k))
     theirs = load_balancing_loss_func(tuple(logits), experts, top_k)
     assert abs(ours.item() - theirs.item()) <= TOL
 
@@ -46,20 +69,20 @@ def test_load_balancing_loss_with_attention_mask_equals_transformers(layers, bat
     g = torch.Generator().manual_seed(2)
     mask_BS = (torch.rand(batch, seq, generator=g) > 0.4).long()
     mask_BS[:, 0] = 1
-    ours = load_balancing_loss(logits, top_k, mask_BS.reshape(-1))
+    ours = load_balancing_loss(_routings(logits, top_k), mask_BS.reshape(-1))
     theirs = load_balancing_loss_func(tuple(logits), experts, top_k, mask_BS)
     assert abs(ours.item() - theirs.item()) <= TOL
     # Masking is the same as dropping the padded rows.
     keep = mask_BS.reshape(-1).bool()
-    assert abs(ours.item() - load_balancing_loss([x[keep] for x in logits], top_k).item()) <= TOL
+    assert abs(ours.item() - load_balancing_loss(_routings([x[keep] for x in logits], top_k)).item()) <= TOL
     # And it differs from the unmasked loss (the mask matters).
-    assert abs(ours.item() - load_balancing_loss(logits, top_k).item()) > 1e-4
+    assert abs(ours.item() - load_balancing_loss(_routings(logits, top_k)).item()) > 1e-4
 
 
 @pytest.mark.parametrize(("experts", "top_k"), [(8, 1), (8, 2), (64, 8)])
 def test_uniform_router_gives_top_k(experts: int, top_k: int) -> None:
     logits = [torch.zeros(12, experts), torch.full((12, experts), 3.0)]
-    assert load_balancing_loss(logits, top_k).item() == pytest.approx(top_k, abs=1e-6)
+    assert load_balancing_loss(_routings(logits, top_k)).item() == pytest.approx(top_k, abs=1e-6)
     # Any perfectly balanced assignment with uniform probabilities gives top_k too.
     assert load_balancing_loss_func(tuple(logits), experts, top_k).item() == pytest.approx(top_k, abs=1e-6)
 
@@ -68,19 +91,19 @@ def test_collapsed_router_gives_num_experts() -> None:
     """All tokens to the same top_k experts with probability ~1/top_k each: loss = E · Σ f·P -> E."""
     logits = torch.full((10, 16), -30.0)
     logits[:, :2] = 30.0
-    assert load_balancing_loss([logits], 2).item() == pytest.approx(16.0, rel=1e-5)
+    assert load_balancing_loss([_route(logits, 2)]).item() == pytest.approx(16.0, rel=1e-5)
 
 
 def test_load_balancing_loss_needs_a_layer() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        load_balancing_loss([], 2)
+        load_balancing_loss([])
 
 
 def test_global_loss_with_one_rank_equals_local() -> None:
-    logits = _logits(3, 20, 16, seed=3)
-    stats = pooled_stats(logits, 4)
-    local = load_balancing_loss(logits, 4)
-    glob = global_load_balancing_loss(logits, 4, stats.counts_E, stats.num_tokens)
+    routings = _routings(_logits(3, 20, 16, seed=3), 4)
+    stats = pooled_stats(routings)
+    local = load_balancing_loss(routings)
+    glob = global_load_balancing_loss(routings, stats.counts_E, stats.num_tokens)
     assert abs(glob.item() - local.item()) <= TOL
     assert abs(switch_loss(stats).item() - local.item()) <= TOL
 
@@ -89,22 +112,23 @@ def test_global_loss_over_two_simulated_ranks() -> None:
     """Ranks with equal token counts: the mean of the per-rank global losses is the loss of the whole batch."""
     top_k, experts = 4, 16
     rank_logits = [_logits(2, 12, experts, seed=10 + r, scale=2.0) for r in range(2)]
-    stats = [pooled_stats(logits, top_k) for logits in rank_logits]
+    rank_routings = [_routings(logits, top_k) for logits in rank_logits]
+    stats = [pooled_stats(routings) for routings in rank_routings]
     counts = stats[0].counts_E + stats[1].counts_E  # what an all-reduce(SUM) gives
     num_tokens = stats[0].num_tokens + stats[1].num_tokens
-    per_rank = [global_load_balancing_loss(logits, top_k, counts, num_tokens) for logits in rank_logits]
+    per_rank = [global_load_balancing_loss(routings, counts, num_tokens) for routings in rank_routings]
     whole = load_balancing_loss(
-        [torch.cat([rank_logits[0][layer], rank_logits[1][layer]]) for layer in range(2)], top_k
+        _routings([torch.cat([rank_logits[0][layer], rank_logits[1][layer]]) for layer in range(2)], top_k)
     )
     assert abs(((per_rank[0] + per_rank[1]) / 2).item() - whole.item()) <= TOL
     # Each rank's value differs from its local loss: f comes from the global batch.
-    local0 = load_balancing_loss(rank_logits[0], top_k)
+    local0 = load_balancing_loss(rank_routings[0])
     assert abs(per_rank[0].item() - local0.item()) > 1e-4
     # Identical ranks: global == local.
-    same = global_load_balancing_loss(rank_logits[0], top_k, 2 * stats[0].counts_E, 2 * stats[0].num_tokens)
+    same = global_load_balancing_loss(rank_routings[0], 2 * stats[0].counts_E, 2 * stats[0].num_tokens)
     assert abs(same.item() - local0.item()) <= TOL
     # global_num_tokens may be a plain number.
-    as_float = global_load_balancing_loss(rank_logits[0], top_k, counts, float(num_tokens))
+    as_float = global_load_balancing_loss(rank_routings[0], counts, float(num_tokens))
     assert abs(as_float.item() - per_rank[0].item()) <= TOL
 
 
@@ -121,35 +145,86 @@ def test_gradient_flows_only_through_probabilities() -> None:
     base = _logits(2, 9, 8, seed=4, scale=1.5)
     a = [x.clone().requires_grad_(True) for x in base]
     b = [x.clone().requires_grad_(True) for x in base]
-    load_balancing_loss(a, 2).backward()
+    load_balancing_loss(_routings(a, 2)).backward()
     _mean_probs_loss(b, 2).backward()
     for ga, gb in zip(a, b, strict=True):
         assert ga.grad is not None and ga.grad.abs().max() > 0
         assert torch.allclose(ga.grad, gb.grad, atol=1e-6)
     # Global variant: the (all-reduced) counts get no gradient, the local probabilities do.
     c = [x.clone().requires_grad_(True) for x in base]
-    stats = pooled_stats([x.detach() for x in base], 2)
+    stats = pooled_stats(_routings([x.detach() for x in base], 2))
     counts = stats.counts_E.clone().requires_grad_(True)
-    global_load_balancing_loss(c, 2, counts, stats.num_tokens).backward()
+    global_load_balancing_loss(_routings(c, 2), counts, stats.num_tokens).backward()
     assert counts.grad is None
     for gc, gb in zip(c, b, strict=True):
         assert torch.allclose(gc.grad, gb.grad, atol=1e-6)
     # The statistics' counts are plain numbers.
-    assert not routing_stats(a[0], 2).counts_E.requires_grad
-    assert routing_stats(a[0], 2).prob_sum_E.requires_grad
+    assert not routing_stats(_route(a[0], 2)).counts_E.requires_grad
+    assert routing_stats(_route(a[0], 2)).prob_sum_E.requires_grad
 
 
 def test_routing_stats_values() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
-    stats = routing_stats(logits, 1, mask_T=torch.tensor([1, 0]))
+    stats = routing_stats(_route(logits, 1), mask_T=torch.tensor([1, 0]))
     assert stats.counts_E.tolist() == [1.0, 0.0, 0.0]
     assert stats.num_tokens.item() == 1.0
     assert torch.allclose(stats.prob_sum_E, torch.softmax(logits[0], -1))
-    both = routing_stats(logits, 2)
+    both = routing_stats(_route(logits, 2))
     assert both.counts_E.tolist() == [1.0, 2.0, 1.0] and both.num_tokens.item() == 2.0
-    assert pooled_stats([logits, logits], 2).counts_E.tolist() == [2.0, 4.0, 2.0]
-    # bf16 logits are promoted to fp32 statistics.
-    assert routing_stats(logits.bfloat16(), 1).prob_sum_E.dtype == torch.float32
+    assert pooled_stats(_routings([logits, logits], 2)).counts_E.tolist() == [2.0, 4.0, 2.0]
+    # A bf16 router still gives fp32 probabilities, hence fp32 statistics.
+    assert routing_stats(_route(logits.bfloat16(), 1)).prob_sum_E.dtype == torch.float32
+
+
+def test_statistics_follow_the_biased_selection_and_the_unbiased_probabilities() -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): the selection bias changes which experts run, not their probabilities.
+
+    So f_e (the counts) must count the experts the forward selected, and P_e average the unbiased softmax.
+    """
+    top_k, experts, tokens = 2, 8, 24
+    logits = _logits(1, tokens, experts, seed=7, scale=2.0)[0]
+    probs = torch.softmax(logits, -1)
+    # Favour the two experts the router likes least: a bias of 1 beats any probability, so every token now
+    # selects exactly them, which the plain top-k of the probabilities does not.
+    least = probs.mean(0).argsort()[:top_k]
+    bias = torch.zeros(experts)
+    bias[least] = 1.0
+    biased, plain = _route(logits, top_k, bias), _route(logits, top_k)
+    assert biased.experts_TK.sort(-1).values.tolist() == [sorted(least.tolist())] * tokens
+    assert not torch.equal(biased.experts_TK.sort(-1).values, plain.experts_TK.sort(-1).values)
+    assert torch.equal(biased.probs_TE, plain.probs_TE)  # the bias leaves the probabilities alone
+    assert torch.allclose(biased.probs_TE, probs, atol=1e-6)
+
+    stats = routing_stats(biased)
+    want_counts = torch.zeros(experts)
+    want_counts[least] = tokens
+    assert stats.counts_E.tolist() == want_counts.tolist()
+    assert torch.allclose(stats.prob_sum_E, probs.sum(0), atol=1e-5)  # P_e from the unbiased probabilities
+
+    # E · Σ f·P with f = 1 for each favoured expert (0 elsewhere) and the unbiased mean probabilities.
+    want = experts * probs.mean(0)[least].sum()
+    loss = load_balancing_loss([biased])
+    assert abs(loss.item() - want.item()) <= TOL
+    # Not what a top-k redone from the logits gives (transformers' value, and the unbiased routing's).
+    theirs = load_balancing_loss_func((logits,), experts, top_k)
+    assert abs(load_balancing_loss([plain]).item() - theirs.item()) <= TOL
+    assert loss.item() < theirs.item() - 0.1
+    pooled = pooled_stats([biased])
+    assert abs(global_load_balancing_loss([biased], pooled.counts_E, pooled.num_tokens).item() - want.item()) <= TOL
+
+    # The gradient is that of E · Σ f·P with the biased f held constant, through the unbiased softmax.
+    x, y = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    load_balancing_loss([_route(x, top_k, bias)]).backward()
+    (experts * (want_counts / tokens * torch.softmax(y, -1).mean(0)).sum()).backward()
+    assert x.grad is not None and torch.allclose(x.grad, y.grad, atol=1e-6)
+
+    # A small bias moves only some tokens' selection; the counts are still those of the chosen experts.
+    nudge = torch.zeros(experts)
+    nudge[least[0]] = 0.05
+    nudged = _route(logits, top_k, nudge)
+    assert not torch.equal(nudged.experts_TK, plain.experts_TK)
+    assert torch.equal(routing_stats(nudged).counts_E.long(), expert_counts(nudged.experts_TK, experts))
+    assert torch.equal(nudged.experts_TK, torch.topk(probs + nudge, top_k, dim=-1).indices)
 
 
 def test_router_z_loss_known_values() -> None:

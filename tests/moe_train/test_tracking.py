@@ -118,7 +118,12 @@ def test_expert_load_metrics_dead_expert() -> None:
 def test_routing_counts_bincounts_each_layer() -> None:
     def routing(experts: list[list[int]]) -> Routing:
         experts_TK = torch.tensor(experts)
-        return Routing(torch.zeros(len(experts), 4), torch.ones(experts_TK.shape), experts_TK)
+        return Routing(
+            logits_TE=torch.zeros(len(experts), 4),
+            probs_TE=torch.full((len(experts), 4), 0.25),
+            weights_TK=torch.ones(experts_TK.shape),
+            experts_TK=experts_TK,
+        )
 
     counts = routing_counts([routing([[0, 1], [0, 2]]), routing([[3, 3], [3, 1]])], num_experts=4)
     assert counts.tolist() == [[2, 1, 1, 0], [0, 1, 0, 3]]
