@@ -1,7 +1,15 @@
 """The OpenAI wire format: request models (validated by pydantic), response builders and error objects.
 
-Only what the endpoint implements is accepted: a parameter it would silently ignore (``n`` > 1, ``logprobs``)
-is refused with a 400 naming it, so clients never get something other than what they asked for.
+Every request field either does what OpenAI (or, for its extensions, vLLM) documents, or is refused with a 400
+whose ``param`` names it, so clients never get something other than what they asked for:
+
+- implemented: ``model``, ``prompt`` / ``messages``, ``max_tokens`` (chat: also ``max_completion_tokens``),
+  ``temperature``, ``top_p``, ``seed``, ``stop``, ``stream``, ``stream_options.include_usage`` and vLLM's
+  ``ignore_eos``;
+- informational, accepted as is: ``user``, ``metadata``;
+- known but not implemented (``n``, ``logprobs``, penalties, ``tools``, ...): accepted only at a value that asks
+  for nothing (null or OpenAI's default, e.g. ``n: 1``, ``presence_penalty: 0``), refused otherwise;
+- anything else: refused as OpenAI does, "Unrecognized request argument supplied: NAME".
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,12 +40,86 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, type_="invalid_request_error", param=param)
 
 
+# Request fields that ask nothing of generation (OpenAI's end-user id, tags for the caller's own records).
+INFORMATIONAL = frozenset({"user", "metadata"})
+
+# OpenAI request fields this endpoint does not implement, each with the values that ask for nothing (null always
+# does): a request may carry them at those values (clients often send defaults), any other value is a 400.
+_SAMPLING_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+}
+COMPLETION_UNSUPPORTED = {**_SAMPLING_UNSUPPORTED, "echo": (False,), "best_of": (1,), "suffix": ("",)}
+CHAT_UNSUPPORTED = {
+    **_SAMPLING_UNSUPPORTED,
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "parallel_tool_calls": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "reasoning_effort": (),
+    "store": (False,),
+    "service_tier": ("auto", "default"),
+    "web_search_options": (),
+}
+MESSAGE_UNSUPPORTED = {
+    "name": (),
+    "tool_calls": ([],),
+    "tool_call_id": (),
+    "function_call": (),
+    "refusal": (),
+    "audio": (),
+}
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality that keeps booleans apart from numbers (``0`` is not ``false``, ``1`` is not ``true``)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return bool(value == neutral)
+
+
+def refuse_extra_fields(
+    extra: Mapping[str, Any] | None,
+    unsupported: Mapping[str, tuple[Any, ...]],
+    *,
+    prefix: str = "",
+    informational: frozenset[str] = frozenset(),
+) -> None:
+    """400 for a field the model does not declare: unknown (OpenAI's wording), or known but asking for
+    something this endpoint does not do. ``param`` names the field (``prefix`` locates a nested object)."""
+    extra = extra or {}
+    unknown = [f"{prefix}{k}" for k in extra if k not in unsupported and k not in informational]
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        raise bad_request(f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}", unknown[0])
+    for key, value in extra.items():
+        if key not in unsupported or value is None or any(_same(value, v) for v in unsupported[key]):
+            continue
+        name, shown = f"{prefix}{key}", json.dumps(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        accepted = " or ".join(json.dumps(v) for v in (None, *unsupported[key]))
+        raise bad_request(f"{name}={shown} is not supported by this endpoint; omit it or send {accepted}", name)
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")  # refused by name in refuse_unsupported
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we accept and ignore (user, ...)
+    # Undeclared fields are kept (``model_extra``) so refuse_unsupported can name them in the 400.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = None
@@ -46,8 +129,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: Any = None
+    ignore_eos: bool = False  # vLLM's: generation ends only at max_tokens or a stop string, never at EOS
 
     @field_validator("stop")
     @classmethod
@@ -62,32 +144,45 @@ class _Sampling(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise bad_request("only n=1 is supported", "n")
-        if self.logprobs not in (None, False):
-            raise bad_request("logprobs are not supported", "logprobs")
+        refuse_extra_fields(self.model_extra, self._unsupported(), informational=INFORMATIONAL)
+        if self.stream_options is not None:
+            refuse_extra_fields(self.stream_options.model_extra, {}, prefix="stream_options.")
+            if not self.stream:
+                raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad_request(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+
+    def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
+        return _SAMPLING_UNSUPPORTED
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    echo: bool = False
+
+    def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
+        return COMPLETION_UNSUPPORTED
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
             raise bad_request("only one prompt per request is supported", "prompt")
-        if self.echo:
-            raise bad_request("echo is not supported", "echo")
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # refused by name in refuse_unsupported
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+
+    def refuse_unsupported(self, where: str) -> None:
+        refuse_extra_fields(self.model_extra, MESSAGE_UNSUPPORTED, prefix=f"{where}.")
+        for j, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request("only text content parts are supported", f"{where}.content[{j}]")
+            refuse_extra_fields(
+                {k: v for k, v in part.items() if k not in ("type", "text")}, {}, prefix=f"{where}.content[{j}]."
+            )
 
     def text(self) -> str:
         """Plain-text content; a list of parts must be text parts (this model reads no images)."""
@@ -103,13 +198,29 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both are honoured
     max_completion_tokens: int | None = None
 
+    def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
+        return CHAT_UNSUPPORTED
+
     def refuse_unsupported(self) -> None:
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
         super().refuse_unsupported()
+        for i, message in enumerate(self.messages):
+            message.refuse_unsupported(f"messages[{i}]")
+        if self.max_completion_tokens is not None:
+            if self.max_completion_tokens < 1:
+                raise bad_request(
+                    f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}",
+                    "max_completion_tokens",
+                )
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise bad_request(
+                    f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens}) "
+                    "disagree; send one of them",
+                    "max_completion_tokens",
+                )
+            self.max_tokens = self.max_completion_tokens
 
 
 def new_id(prefix: str) -> str:

@@ -189,7 +189,9 @@ async def _parse(request: Request, model_cls: type) -> Any:
     try:
         return model_cls.model_validate(payload)
     except ValidationError as exc:
-        raise bad_request(_describe(exc.errors())) from exc
+        errors = exc.errors()
+        param = next((str(e["loc"][0]) for e in errors if e.get("loc")), None)  # the top-level field at fault
+        raise bad_request(_describe(errors), param) from exc
 
 
 def _at_capacity() -> OpenAIError:
@@ -328,7 +330,7 @@ class OpenAIIngress:
                 "max_tokens",
             )
         sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop_strings())
+        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop_strings(), ignore_eos=body.ignore_eos)
 
     async def _respond(self, body: Any, prompt_ids: list[int], chat: bool) -> Any:
         gen = self._generation_request(body, prompt_ids)

@@ -2,9 +2,9 @@
 
 The engine owns the replica's KV-cache slots. A request waits until a slot is free (admission control: a full
 cache makes requests wait, it never fails the replica), is prefilled together with the other newcomers, then
-decodes one token per step alongside every running request until it stops (stop token, stop string,
-``max_tokens``, the slot's end, or cancellation). The model behind it is a ``StepRunner``: one process
-(``LocalRunner``) or an expert-parallel gang (``serve.gang``).
+decodes one token per step alongside every running request until it stops (a stop token unless the request
+has ``ignore_eos``, a stop string, ``max_tokens``, the slot's end, or cancellation). The model behind it is a
+``StepRunner``: one process (``LocalRunner``) or an expert-parallel gang (``serve.gang``).
 
 The loop runs on its own thread so the replica's event loop stays free to accept requests and answer health
 checks; results go back through each request's ``sink`` callback.
@@ -49,6 +49,9 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    # vLLM's ignore_eos: the tokenizer's stop tokens (EOS, generation_config's EOS ids, ChatML's end of turn) do
+    # not end the request; it ends at max_tokens, a stop string, the slot's end or cancellation.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class Engine:
 
     def _emit(self, seq: _Sequence, token: int) -> str | None:
         """Send the token's text; the finish reason if the request is now over."""
-        if token in self.stop_ids:
+        if token in self.stop_ids and not seq.request.ignore_eos:
             return "stop"
         delta, hit_stop = seq.text.push(token)
         if delta:

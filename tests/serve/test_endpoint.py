@@ -154,7 +154,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}, 400, "context"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi " * (2 * CONTEXT)}, 400, "context"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=1"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=3 is not supported"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
 ]
@@ -166,6 +166,94 @@ def test_bad_input_gets_an_openai_error(url, path, body, status, words):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["type"]
+
+
+COMPLETION, CHAT = "/v1/completions", "/v1/chat/completions"
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+# Fields the endpoint does not implement, at values that ask for something, and fields it has never heard of:
+# each is a 400 whose param names the field (the refusal happens in the ingress, before any model work).
+REFUSED_FIELDS = [
+    (COMPLETION, {"n": 2}, "n"),
+    (COMPLETION, {"logprobs": 0}, "logprobs"),  # 0 asks for the sampled token's logprob, it is not false
+    (COMPLETION, {"presence_penalty": 0.5}, "presence_penalty"),
+    (COMPLETION, {"frequency_penalty": -0.5}, "frequency_penalty"),
+    (COMPLETION, {"logit_bias": {"5": 100}}, "logit_bias"),
+    (COMPLETION, {"echo": True}, "echo"),
+    (COMPLETION, {"best_of": 2}, "best_of"),
+    (COMPLETION, {"suffix": "end"}, "suffix"),
+    (COMPLETION, {"top_k": 40}, "top_k"),  # unknown here (a vLLM extension this endpoint lacks)
+    (COMPLETION, {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    (COMPLETION, {"temperature": 7}, "temperature"),  # a validation error names its field too
+    (CHAT, {"logprobs": True}, "logprobs"),
+    (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+    (CHAT, {"tools": [TOOL]}, "tools"),
+    (CHAT, {"tool_choice": "auto"}, "tool_choice"),
+    (CHAT, {"parallel_tool_calls": True}, "parallel_tool_calls"),
+    (CHAT, {"functions": [TOOL["function"]]}, "functions"),
+    (CHAT, {"function_call": "auto"}, "function_call"),
+    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"modalities": ["text", "audio"]}, "modalities"),
+    (CHAT, {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    (CHAT, {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    (CHAT, {"reasoning_effort": "low"}, "reasoning_effort"),
+    (CHAT, {"store": True}, "store"),
+    (CHAT, {"service_tier": "flex"}, "service_tier"),
+    (CHAT, {"web_search_options": {}}, "web_search_options"),
+    (CHAT, {"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+    (CHAT, {"messages": [{"role": "assistant", "content": "hi", "tool_calls": [TOOL]}]}, "messages[0].tool_calls"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1}]}]},
+        "messages[0].content[0].x",
+    ),
+    (
+        CHAT,
+        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+        "stream_options.continuous_usage_stats",
+    ),
+    (CHAT, {"min_p": 0.1, "top_k": 40}, "min_p"),
+]
+
+
+@pytest.mark.parametrize("path,fields,param", REFUSED_FIELDS)
+def test_fields_the_endpoint_does_not_implement_are_refused_by_name(url, path, fields, param):
+    base = {"model": MODEL, "max_tokens": 4}
+    base.update({"prompt": "hi"} if path == COMPLETION else {"messages": [{"role": "user", "content": "hi"}]})
+    response = _post(url, path, {**base, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param.split(".")[-1].split("[")[0] in error["message"]
+    if param in ("top_k", "min_p", "messages[0].content[0].x", "stream_options.continuous_usage_stats"):
+        assert error["message"].startswith("Unrecognized request argument")
+
+
+def test_defaults_of_unimplemented_fields_and_informational_fields_are_accepted(url):
+    neutral = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    common = {"model": MODEL, "max_tokens": 2, "user": "u-1", "metadata": {"run": "test"}, **neutral}
+    completion = {**common, "prompt": "hi", "echo": False, "best_of": 1, "suffix": None}
+    chat = {
+        **common,
+        "messages": [{"role": "user", "content": "hi", "name": None}],
+        "tools": None,
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "top_logprobs": None,
+        "store": False,
+    }
+    for path, body in ((COMPLETION, completion), (CHAT, chat)):
+        response = _post(url, path, body)
+        assert response.status_code == 200, response.text
+
+
+def test_ignore_eos_generates_past_the_end_of_turn_up_to_max_tokens(client):
+    # The tiny model's greedy reply to "Hi" is <|im_end|> at once; with ignore_eos only max_tokens ends it.
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=24, temperature=0)
+    plain = client.chat.completions.create(**kwargs)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 24, "needs an early EOS"
+    ignored = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 24
 
 
 def test_a_flood_of_requests_gets_429s_and_the_server_survives(url, client):

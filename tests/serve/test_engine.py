@@ -1,5 +1,6 @@
 """The continuous-batching engine on one process: output equals batched greedy decoding, requests join and
-leave between steps, a full cache makes requests wait, and a broken model fails requests, not the caller."""
+leave between steps, a full cache makes requests wait, ignore_eos runs past the stop tokens, and a broken model
+fails requests, not the caller."""
 
 from __future__ import annotations
 
@@ -107,3 +108,25 @@ def test_a_broken_model_fails_every_request_and_refuses_new_ones(moe_dir):
     with pytest.raises(EngineFailedError):
         engine.submit(GenerationRequest([5], 3, GREEDY), lambda e: None)
     engine.stop()
+
+
+def test_ignore_eos_runs_to_max_tokens_past_the_stop_token_but_not_past_a_stop_string(moe_dir):
+    tok = Tokenizer.from_dir(moe_dir)
+    prompt = tok.encode("Once upon a time")
+    ref = greedy_generate(load_model(moe_dir).eval(), [prompt], 12)[0]  # greedy, no stop ids at all
+    engine = _engine(moe_dir, slots=2)
+    engine.stop_ids = frozenset({ref[0]})  # the greedy first token is now the EOS: a normal request stops at once
+    engine.start()
+    try:
+        stopped = _collect(_submit(engine, prompt, 12))
+        ignored = _collect(_submit(engine, prompt, 12, ignore_eos=True))
+        stop = tok.decode(ref)[len(tok.decode(ref[:4])) :][:3]  # text of the 5th token on
+        assert stop.strip()
+        cut = _collect(_submit(engine, prompt, 12, ignore_eos=True, stop=(stop,)))
+    finally:
+        engine.stop()
+    full = tok.decode(ref)
+    assert stopped == ("", Finished("stop", len(prompt), 1))
+    assert ignored == (full, Finished("length", len(prompt), 12))  # the "EOS" token and 11 more
+    text, done = cut  # explicit stop strings still apply
+    assert done.reason == "stop" and done.completion_tokens < 12 and text == full[: full.index(stop)]
