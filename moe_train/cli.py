@@ -37,7 +37,12 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rope-theta", type=float, help="override the model's rope_theta (kept in exports)")
     p.add_argument("--max-position-embeddings", type=int, help="override the model's context length")
-    p.add_argument("--eval-data", help="held-out data (same forms as --data)")
+    p.add_argument(
+        "--eval-data",
+        help="held-out data (same forms as --data): its mean next-token loss is logged as eval_loss at the end "
+        "(and every --eval-every steps) to metrics.jsonl, W&B and loss.png",
+    )
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 0: only at the end)")
     p.add_argument("--workers", type=int, help="training workers (default 1)")
     p.add_argument("--ep", type=int, help="expert-parallel size; must divide --workers and the expert count")
     p.add_argument("--gpus-per-worker", type=int, choices=[0, 1], help="1 on GPU clusters")
@@ -65,7 +70,12 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
         "--gpus-per-worker 1, 0 on CPU (DeepSpeed JIT-compiles a C++ op on first use there and CPU-sized "
         "models gain nothing from sharding)",
     )
-    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (default 0: never)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="also checkpoint every N steps (default 0). The last step is always checkpointed, and so is the step "
+        "in progress when the job is stopped (SIGTERM / upmoe jobs stop / Ctrl-C)",
+    )
     p.add_argument("--max-failures", type=int, help="automatic restarts after a worker failure (default 0)")
     p.add_argument("--wandb-project", help="W&B project (default upmoe)")
     p.add_argument(
@@ -84,9 +94,12 @@ def run_train(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if k not in ("config", "json", "preset")}
     cfg = load_train_config(args.config, options, preset=args.preset)
     summary = run_training(cfg)
+    if summary["stopped_early"]:
+        print(f"stopped at step {summary['steps']} of {cfg.steps}, checkpointed: re-run the same command to continue")
     print(
         f"trained {summary['steps']} steps: final LM loss {summary['final_loss']:.4f}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s; run dir {cfg.out}"
+        + (f"; held-out loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "")
     )
     if args.json:
         print(json.dumps(summary))

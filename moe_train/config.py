@@ -40,6 +40,7 @@ class TrainConfig:
     data: str
     out: str
     eval_data: str | None = None
+    eval_every: int = 0  # held-out loss every N steps (0: only at the end); needs eval_data
     workers: int = 1
     ep: int = 1
     gpus_per_worker: int = 0
@@ -92,6 +93,8 @@ class TrainConfig:
         need(self.workers % self.ep == 0, f"--ep {self.ep} must divide --workers {self.workers}")
         need(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "--lr must be positive and --min-lr-ratio in [0, 1]")
         need(self.warmup >= 0 and self.checkpoint_every >= 0, "--warmup and --checkpoint-every must be >= 0")
+        need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        need(not self.eval_every or self.eval_data is not None, "--eval-every needs --eval-data")
         need(self.zero_stage in ZERO_STAGES, f"--zero-stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
 
     def as_dict(self) -> dict[str, Any]:

@@ -522,16 +522,14 @@ def build_blocks(
     *,
     eval_spec: str | None = None,
     eval_fraction: float = 0.0,
-    seed: int = 0,
 ) -> TokenBlocks:
     """Read + tokenise + pack the training data (and eval data) into blocks on the driver.
 
     Eval blocks come from ``eval_spec`` when given (``eval_fraction`` is then ignored), else from a held-out tail
     of ``eval_fraction`` of the blocks: a contiguous tail, so at most one document straddles train and eval.
-    ``seed`` is accepted for a uniform call signature but changes nothing: packing and the split are fixed, and
-    shuffling happens per epoch in ``rank_batches``. Identical inputs always give identical tensors.
+    Packing and the split are fixed (no seed): shuffling happens per epoch in ``rank_batches``. Identical inputs
+    always give identical tensors.
     """
-    del seed  # documented above: the result is independent of the run seed
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     eos = _eos_id(model_dir)

@@ -4,7 +4,7 @@ World = DP × EP; rank r owns experts [ep_rank·E_l, (ep_rank+1)·E_l) with E_l 
 (``moe_core.all_to_all``) is shared with serving; ``install_expert_parallel`` swaps it into each MoE block, so
 the model code is unchanged.
 
-Gradient scaling (DESIGN §6): with each rank's loss a mean over its own tokens and the global loss their
+Gradient scaling (docs/design.md §6): with each rank's loss a mean over its own tokens and the global loss their
 mean over the W data-parallel ranks, a non-expert gradient is the mean over W of the ranks' gradients, and
 an expert's gradient — already summed over its EP group by the all-to-all's backward — is summed over its
 expert-data-parallel group (the ranks holding the same experts) and divided by W.

@@ -44,7 +44,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     train = json.loads(config_path.read_text())
     found = checkpoints(run_dir)
     if not found:
-        raise FileNotFoundError(f"{run_dir} holds no checkpoint (train with --checkpoint-every N)")
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint: the run stopped before its first step ended")
     if step is None:
         step = max(found)
     if step not in found:

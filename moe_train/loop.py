@@ -3,9 +3,11 @@
 Each rank loads only its own experts (lazy per-tensor reads), swaps in the all-to-all dispatcher, and trains
 on its deterministic share of every global batch. The optimizer is AdamW with linear warm-up and cosine decay,
 stepped by a ``Stepper`` (``optim``): plain PyTorch with gradients reduced as ``expert_parallel`` explains
-(zero_stage 0) or DeepSpeed ZeRO 1/2 (``zero``). Every ``checkpoint_every`` steps each rank writes its own shard
-(weights it holds, its optimizer state, step) and all ranks report it together, so a restarted run continues
-from the latest checkpoint at the same data position.
+(zero_stage 0) or DeepSpeed ZeRO 1/2 (``zero``). Every ``checkpoint_every`` steps, at the last step, and at the
+step a stop was asked for (``stopping``), each rank writes its own shard (weights it holds, its optimizer state,
+step) and all ranks report it together, so a restarted run continues from the latest checkpoint at the same data
+position and a run's final weights are never lost. With eval blocks, every rank evaluates its share of them in
+lockstep (the all-to-all needs every rank) every ``eval_every`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from moe_core.loading import load_model
 from moe_core.losses import (
@@ -30,6 +33,7 @@ from moe_core.losses import (
     router_z_loss,
 )
 from moe_core.model import CausalLM, next_token_loss
+from moe_core.moe import Routing
 from moe_train.config import AuxLoss, TrainConfig, model_config_for
 from moe_train.expert_parallel import ParallelLayout, ProcessGroups, build_process_groups, install_expert_parallel
 from moe_train.optim import LossOutput, PlainStepper, Stepper
@@ -82,18 +86,18 @@ def build_rank_model(cfg: TrainConfig, rank: int, world: int) -> tuple[CausalLM,
     return model, groups
 
 
-def global_aux_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+def global_aux_loss(routings: list[Routing]) -> torch.Tensor:
     """Load balance over the global batch: expert counts summed over every data-parallel rank first.
 
     With the ranks' gradients averaged afterwards this equals the Switch loss of the whole global batch, in
     value and gradient, however the batch is split across ranks.
     """
-    stats = pooled_stats(router_logits, top_k)
+    stats = pooled_stats(routings)
     counts, tokens = stats.counts_E.clone(), stats.num_tokens.clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
         dist.all_reduce(tokens)
-    return global_load_balancing_loss(router_logits, top_k, counts, tokens)
+    return global_load_balancing_loss(routings, counts, tokens)
 
 
 @torch.no_grad()
@@ -111,19 +115,19 @@ def micro_batch_loss(model: CausalLM, ids: torch.Tensor, cfg: TrainConfig) -> Lo
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(ids)
     lm = next_token_loss(out.logits, ids)
-    loss, parts = lm, {"lm_loss": float(lm)}
+    loss, parts = lm, {"lm_loss": lm.item()}
     if out.routings and cfg.aux_loss is not AuxLoss.NONE:
-        top_k = model.config.num_experts_per_tok
+        # From the routing the forward chose (selection_bias included), not a top-k redone from the logits.
         if cfg.aux_loss is AuxLoss.GLOBAL:
-            aux = global_aux_loss(out.router_logits, top_k)
+            aux = global_aux_loss(out.routings)
         else:
-            aux = load_balancing_loss(out.router_logits, top_k)
+            aux = load_balancing_loss(out.routings)
         loss = loss + cfg.aux_coef * aux
-        parts["aux_loss"] = float(aux)
+        parts["aux_loss"] = aux.item()
     if out.routings and cfg.z_loss_coef > 0:
         z = router_z_loss(out.router_logits)
         loss = loss + cfg.z_loss_coef * z
-        parts["z_loss"] = float(z)
+        parts["z_loss"] = z.item()
     counts = routing_counts(out.routings, model.config.num_experts) if out.routings else None
     return loss, parts, counts
 
@@ -219,6 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             start = load_rank_checkpoint(Path(d), rank, stepper, cfg.zero_stage)
     blocks = torch.load(config["blocks_path"])
+    eval_blocks = torch.load(config["eval_blocks_path"]) if config.get("eval_blocks_path") else None
     batches = rank_batches(
         blocks,
         dp_rank=rank,
@@ -233,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = next(model.parameters()).device
     peak = cfg.peak_flops or default_peak_flops(device.type, torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        _train_steps(cfg, stepper, groups, batches, tracker, start, rank, world, peak, config)
+        _train_steps(cfg, stepper, groups, batches, eval_blocks, tracker, start, rank, world, peak, config)
     finally:
         tracker.finish()
 
@@ -243,6 +248,7 @@ def _train_steps(
     stepper: Stepper,
     groups: ProcessGroups | None,
     batches: Any,
+    eval_blocks: torch.Tensor | None,
     tracker: Tracker,
     start: int,
     rank: int,
@@ -255,6 +261,7 @@ def _train_steps(
 
     run_dir = Path(cfg.out)
     model = stepper.model
+    device = next(model.parameters()).device
     for step in range(start, cfg.steps):
         maybe_fail(config.get("inject_failure"), step, rank)
         t0 = time.perf_counter()
@@ -283,16 +290,59 @@ def _train_steps(
             "all_to_all_share": comm_seconds / step_seconds,
             **parts,
         }
+        last = step + 1 == cfg.steps
+        stopping = not last and stop_requested(config.get("stop_flag"), rank, world, device)
+        if eval_blocks is not None and (last or stopping or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            metrics["eval_loss"] = held_out_loss(model, eval_blocks, cfg.micro_batch, rank, world)
         tracker.log(metrics, step + 1)
         if counts_LE is not None and rank == 0 and cfg.heatmap_every and (step + 1) % cfg.heatmap_every == 0:
             png = load_heatmap_png(counts_LE, run_dir / "heatmaps" / f"load-{step + 1:06d}.png")
             tracker.log_image("load/heatmap", png, step + 1)
-        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        if last or stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
             with tempfile.TemporaryDirectory() as tmp:
                 save_rank_checkpoint(Path(tmp), rank, stepper, step + 1, cfg.zero_stage)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        elif step + 1 == cfg.steps:
-            # Not every step: Ray Train V2 hands reports to its controller, which polls workers every ~2 s, so a
-            # report per step made a 60 ms step take 2 s. Metrics go to metrics.jsonl and W&B every step anyway;
-            # every rank still reports the same number of times.
-            ray.train.report(metrics)
+        # Not every step otherwise: Ray Train V2 hands reports to its controller, which polls workers every ~2 s, so
+        # a report per step made a 60 ms step take 2 s. Metrics go to metrics.jsonl and W&B every step anyway;
+        # every rank still reports the same number of times.
+        if stopping:
+            return
+
+
+def stop_requested(flag: Any, rank: int, world: int, device: torch.device) -> bool:
+    """Whether the driver asked to stop (``stopping.StopFlag``): rank 0 asks, every rank gets the same answer."""
+    if flag is None:
+        return False
+    import ray
+
+    asked = torch.tensor([float(rank == 0 and ray.get(flag.is_set.remote()))], device=device)
+    if world > 1:
+        dist.all_reduce(asked)  # on the compute device: NCCL takes no CPU tensors
+    return bool(asked.item())
+
+
+@torch.no_grad()
+def held_out_loss(model: CausalLM, blocks: torch.Tensor, micro_batch: int, rank: int, world: int) -> float:
+    """Mean next-token loss over every eval block, each rank on its own share, the same for any world size.
+
+    Every rank runs the same number of forwards (an expert-parallel forward is a collective), so a rank whose
+    share is one block short fills it with block 0 at weight 0.
+    """
+    device = next(model.parameters()).device
+    per_rank = -(-len(blocks) // world)
+    index = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    weight = (index < len(blocks)).double().to(device)
+    mine = blocks[torch.where(index < len(blocks), index, 0)]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed per-block mean loss, blocks
+    for ids, w in zip(mine.split(micro_batch), weight.split(micro_batch), strict=True):
+        ids = ids.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(ids).logits
+        per_block = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none").mean(1)
+        total += torch.stack([(per_block.double() * w).sum(), w.sum()])
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1])

@@ -200,11 +200,12 @@ def read_metrics(metrics_jsonl: Path) -> list[dict[str, Any]]:
 
 
 def write_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path | None:
-    """Plot lm_loss (and the total ``loss`` when logged) against step; None if there is nothing to plot."""
+    """Plot lm_loss (the total ``loss`` and the held-out ``eval_loss`` when logged) against step; None if there is
+    nothing to plot."""
     rows = read_metrics(metrics_jsonl)
     series = {
         label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        for key, label in (("lm_loss", "LM loss"), ("loss", "total loss"))
+        for key, label in (("lm_loss", "LM loss"), ("loss", "total loss"), ("eval_loss", "held-out LM loss"))
     }
     series = {label: points for label, points in series.items() if points}
     if not series:
@@ -212,7 +213,7 @@ def write_loss_curve(metrics_jsonl: Path, out_png: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, points in series.items():
-        ax.plot([s for s, _ in points], [v for _, v in points], label=label)
+        ax.plot([s for s, _ in points], [v for _, v in points], label=label, marker="o" if len(points) < 3 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -1,8 +1,9 @@
 """The driver side of ``upmoe train``: prepare data, validate, and run Ray Train's TorchTrainer.
 
-RUN_DIR holds ``data/blocks.pt`` (the packed token blocks every worker reads), ``metrics.jsonl`` (one line
-per step, rank 0), ``loss.png`` and ``ray/`` (Ray Train's storage: checkpoints). Re-running the same command
-with the same RUN_DIR continues from the latest checkpoint.
+RUN_DIR holds ``data/blocks.pt`` (the packed token blocks every worker reads; ``data/eval_blocks.pt`` with
+``--eval-data``), ``metrics.jsonl`` (one line per step, rank 0), ``loss.png`` and ``ray/`` (Ray Train's storage:
+checkpoints; the last step's is always there). Re-running the same command with the same RUN_DIR continues from
+the latest checkpoint. SIGTERM / Ctrl-C stops after the current step, checkpointed (``stopping``).
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ def validate_before_start(cfg: TrainConfig) -> None:
         raise ValueError(f"--ep {cfg.ep} needs a MoE model; {model_dir} is dense")
 
 
-def prepare_blocks(cfg: TrainConfig) -> Path:
+def prepare_blocks(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """Tokenise and pack on the driver; the training blocks' path and the eval blocks' (None without eval data)."""
     from moe_train.data import build_blocks
 
-    blocks = build_blocks(cfg.data, cfg.model, cfg.seq_len, eval_spec=cfg.eval_data, seed=cfg.seed)
-    path = Path(cfg.out) / "data" / "blocks.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(blocks.train, path)
-    return path
+    blocks = build_blocks(cfg.data, cfg.model, cfg.seq_len, eval_spec=cfg.eval_data)
+    data_dir = Path(cfg.out) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(blocks.train, data_dir / "blocks.pt")
+    if blocks.eval is None:
+        return data_dir / "blocks.pt", None
+    torch.save(blocks.eval, data_dir / "eval_blocks.pt")
+    return data_dir / "blocks.pt", data_dir / "eval_blocks.pt"
 
 
 def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -54,6 +59,7 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
     from ray.train.torch import TorchTrainer
 
     from moe_train.loop import train_loop_per_worker
+    from moe_train.stopping import StopFlag, stop_on_signal
 
     validate_before_start(cfg)
     out = Path(cfg.out).resolve()
@@ -62,10 +68,17 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
     (out / "train_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
     if not ray.is_initialized():  # before Ray Data, which would otherwise start a local Ray of its own
         ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
-    blocks_path = prepare_blocks(cfg)
+    blocks_path, eval_path = prepare_blocks(cfg)
+    stop_flag = StopFlag.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.as_dict(), "blocks_path": str(blocks_path), "inject_failure": inject_failure},
+        train_loop_config={
+            "train": cfg.as_dict(),
+            "blocks_path": str(blocks_path),
+            "eval_blocks_path": str(eval_path) if eval_path else None,
+            "stop_flag": stop_flag,
+            "inject_failure": inject_failure,
+        },
         # PACK keeps consecutive ranks (one EP group) on one node where they fit.
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, placement_strategy="PACK"
@@ -77,7 +90,11 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        with stop_on_signal(stop_flag):
+            result = trainer.fit()
+    finally:
+        ray.kill(stop_flag)
     metrics = read_metrics(out / "metrics.jsonl")
     write_loss_curve(out / "metrics.jsonl", out / "loss.png")
     hint = sync_hint(out)
@@ -85,9 +102,12 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
         print(f"W&B ran offline; upload with: {hint}")
     model_cfg = model_config_for(cfg)
     last = metrics[-1]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     return {
         "final_loss": last.get("lm_loss"),
+        "eval_loss": evals[-1] if evals else None,
         "steps": last["step"],
+        "stopped_early": last["step"] < cfg.steps,
         "tokens": cfg.workers * cfg.micro_batch * cfg.grad_accum * cfg.seq_len * last["step"],
         "tokens_per_s": sum(m["tokens_per_s"] for m in metrics[-5:]) / len(metrics[-5:]),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

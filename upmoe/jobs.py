@@ -188,7 +188,14 @@ def connect(address: str, token: Token | None) -> JobSubmissionClient:
 def prepare_submission(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the command line here and build submit_job's arguments, so mistakes fail before the cluster."""
     _check_command_args(args.command, args.args)
-    runtime_env = build_runtime_env(args.working_dir, job_env_vars(args.env or []), args.pip or [])
+    env_vars = job_env_vars(args.env or [])
+    if args.command == "train":
+        from moe_train.stopping import STOP_WAIT_ENV, STOP_WAIT_S
+
+        # `jobs stop` sends SIGTERM, then Ray SIGKILLs after this wait (3 s by default): give the run time to finish
+        # its step and write the checkpoint (moe_train.stopping).
+        env_vars.setdefault(STOP_WAIT_ENV, str(STOP_WAIT_S))
+    runtime_env = build_runtime_env(args.working_dir, env_vars, args.pip or [])
     return {
         "entrypoint": shlex.join([*ENTRYPOINT_PREFIX, args.command, *args.args]),
         "runtime_env": runtime_env,

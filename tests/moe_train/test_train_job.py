@@ -42,11 +42,11 @@ def test_ep2_on_ray_train_matches_ep1_and_exports(ray_local, moe_dir: Path, tmp_
     ep2, ep1 = tmp_path / "ep2", tmp_path / "ep1"
     # The global-batch aux loss is invariant to how the batch is split over ranks; the per-micro-batch
     # Switch loss is not (f·P of two halves differs from f·P of the whole), so parity is checked with it.
-    steps = ["--steps", "6", "--checkpoint-every", "3", "--aux-loss", "global"]
-    assert (
-        main(["train", "--model", str(moe_dir), "--out", str(ep2), "--workers", "2", "--ep", "2", *COMMON, *steps]) == 0
-    )
-    # One worker seeing both ranks' rows: micro-batch 4 = 2 workers x 2.
+    steps = ["--steps", "6", "--aux-loss", "global", "--eval-data", "embedded:eval", "--eval-every", "4"]
+    args = ["train", "--model", str(moe_dir), "--out", str(ep2), "--workers", "2", "--ep", "2", *COMMON, *steps]
+    assert main([*args, "--checkpoint-every", "3"]) == 0
+    # One worker seeing both ranks' rows: micro-batch 4 = 2 workers x 2. No --checkpoint-every: the last step's
+    # checkpoint is written all the same.
     ep1_common = [c if c != "2" or i != COMMON.index("--micro-batch") + 1 else "4" for i, c in enumerate(COMMON)]
     assert main(["train", "--model", str(moe_dir), "--out", str(ep1), "--workers", "1", *ep1_common, *steps]) == 0
     a, b = _metrics(ep2), _metrics(ep1)
@@ -56,20 +56,57 @@ def test_ep2_on_ray_train_matches_ep1_and_exports(ray_local, moe_dir: Path, tmp_
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert x["aux_loss"] == pytest.approx(y["aux_loss"], abs=1e-5)
     assert a[-1]["lm_loss"] < a[0]["lm_loss"]
+    # Held-out loss at step 4 (--eval-every) and at the end, the same with the eval set split over 2 EP ranks.
+    assert [m["step"] for m in a if "eval_loss" in m] == [m["step"] for m in b if "eval_loss" in m] == [4, 6]
+    for x, y in zip(a, b, strict=True):
+        assert x.get("eval_loss", 0.0) == pytest.approx(y.get("eval_loss", 0.0), abs=1e-5)
+    assert a[-1]["eval_loss"] < a[3]["eval_loss"]
     assert (ep2 / "loss.png").stat().st_size > 0
     assert {"load/cv_mean", "load/max_over_mean_mean", "load/dead_experts_total", "mfu", "aux_loss"} <= set(a[-1])
     assert list((ep2 / "wandb").glob("offline-run-*")), "rank 0 logs to W&B (offline without an API key)"
 
-    exported = tmp_path / "exported"
-    assert main(["export", str(ep2), str(exported)]) == 0
     transformers = pytest.importorskip("transformers")
     from moe_core.loading import load_model
 
-    ours = load_model(exported).eval()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     ids = torch.randint(0, 1024, (2, 32))
-    with torch.no_grad():
-        assert (ours(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+    for run in (ep2, ep1):
+        exported = tmp_path / f"exported-{run.name}"
+        assert main(["export", str(run), str(exported)]) == 0
+        ours = load_model(exported).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (ours(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_sigterm_stops_after_a_checkpointed_step(moe_dir: Path, tmp_path: Path) -> None:
+    """`upmoe jobs stop` sends SIGTERM to the driver: the run ends cleanly at a step it checkpointed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "upmoe.cli", "train", "--model", moe_dir, "--out", run, *COMMON, "--steps", "100000"]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").exists() or len(_metrics(run)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    last = _metrics(run)[-1]["step"]
+    assert 2 <= last < 100000
+    assert f"stopped at step {last} of 100000, checkpointed" in out, out
+    from moe_train.export import checkpoints
+
+    assert max(checkpoints(run)) == last
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
 
 
 def test_bad_input_is_refused_before_workers_start(moe_dir: Path, tmp_path: Path, capsys) -> None:

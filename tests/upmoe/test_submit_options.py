@@ -103,6 +103,22 @@ def test_entrypoint_runs_the_clusters_upmoe(tmp_path: Path) -> None:
     assert (job["submission_id"], job["entrypoint_num_cpus"], job["runtime_env"]) == ("j1", 0.5, {})
 
 
+def test_train_jobs_get_time_to_checkpoint_when_stopped(tmp_path: Path) -> None:
+    """Ray SIGKILLs a stopped job 3 s after its SIGTERM unless told otherwise: a train job gets STOP_WAIT_S."""
+    import argparse
+
+    from moe_train.stopping import STOP_WAIT_ENV, STOP_WAIT_S
+
+    def job(command: str, env: list[str] | None = None) -> dict:
+        args = argparse.Namespace(command=command, args=[], env=env, pip=None, working_dir=None)
+        args.job_id, args.num_cpus = None, None
+        return prepare_submission(args)
+
+    assert job("train")["runtime_env"]["env_vars"] == {STOP_WAIT_ENV: str(STOP_WAIT_S)}
+    assert job("train", [f"{STOP_WAIT_ENV}=30"])["runtime_env"]["env_vars"] == {STOP_WAIT_ENV: "30"}
+    assert "env_vars" not in job("upcycle")["runtime_env"]
+
+
 def test_mistakes_fail_before_contacting_the_cluster() -> None:
     address = f"http://127.0.0.1:{free_port()}"  # any contact would fail with "cannot reach"
     rc, _, err = _run("submit", "--address", address, "init", "x")
