@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md §1: moe_core imports no ray/deepspeed/megablocks/transformers nor the packages above
+"""The layering of docs/design.md §1: moe_core imports no ray/deepspeed/megablocks/transformers nor the packages above
 it; upcycle, moe_train and serve import moe_core and never each other."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_CORE = ("ray", "deepspeed", "megablocks", "upcycle", "moe_train", "serve", "transformers")
-# Nor upward into the CLI dispatcher or the benchmarks (DESIGN.md §1: "must not make moe_core depend upward").
+# Nor upward into the CLI dispatcher or the benchmarks, not even lazily (docs/design.md §1).
 UPWARD = ("upmoe", "bench")
 SIBLINGS = ("upcycle", "moe_train", "serve")
 

@@ -1,7 +1,7 @@
 """The per-layer math of upcycling: one dense SwiGLU FFN in, one Qwen2-MoE sparse block's weights out.
 
 Pure functions of (dense weights, spec, layer index): no I/O, no global random state, so the Ray job can run
-layers in any order on any worker and still write the same checkpoint (DESIGN.md §5).
+layers in any order on any worker and still write the same checkpoint (docs/design.md §5.4).
 
 Shape legend:
     D hidden size, F dense FFN width (hFFN), h expert size (hE), E routed experts, N_s shared experts,
@@ -17,7 +17,7 @@ neurons, so any set of neurons is itself a (narrower) SwiGLU FFN, and summing th
 neurons gives back the dense output exactly. Every method below is a way of handing neurons to experts.
 
 Methods (``InitMethod``):
-- ``qwen2`` (Qwen2 report; DESIGN.md §5): C = ceil(n·h / F) copies of the FFN, each shuffled with its own random
+- ``qwen2`` (Qwen2 report; docs/design.md §5.1): C = ceil(n·h / F) copies of the FFN, each shuffled with its own random
   permutation of the F neurons; the copies are concatenated into a stream of C·F neurons, cut into n consecutive
   chunks of h, the rest discarded. The first N_s chunks, in order, form the fused shared expert; the next E are
   routed experts 0..E-1. Then every fine-grained expert (shared chunks too) re-initialises ``reinit_ratio`` of
@@ -37,7 +37,7 @@ Methods (``InitMethod``):
   the dense function: top_k / G selected copies × w × G / (top_k · w) = 1 copy. Choice for shared experts (the
   method has none): shared chunk s takes shard s mod G with its down ZEROED, so it starts contributing nothing
   and only learns to, rather than adding a second copy of the FFN on top of the routed ones.
-- ``preserve`` (exact; DESIGN.md §5, last paragraph): needs S >= F. The shared expert holds the whole,
+- ``preserve`` (exact; docs/design.md §5.3): needs S >= F. The shared expert holds the whole,
   un-shuffled FFN in its first F neurons (padding neurons all zero) with down × 2, because shared_expert_gate
   is all zeros and sigmoid(0) = 0.5. Routed experts take exactly the ``qwen2`` gate/up (same chunks, same
   re-init draws) but a ZERO down, so they add nothing. The MoE layer computes the dense FFN exactly at step 0.

@@ -1,5 +1,5 @@
 """The per-layer upcycling math: how neurons reach experts, re-init counts and statistics, and the exact
-identities of DESIGN.md §5 (a partition of the neurons sums to the FFN; ``preserve`` reproduces it)."""
+identities of docs/design.md §5.3 (a partition of the neurons sums to the FFN; ``preserve`` reproduces it)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from upcycle_testlib import run_cli
 
-# Public Qwen2-7B config.json values (DESIGN.md §3).
+# Public Qwen2-7B config.json values (docs/design.md §3).
 QWEN2_7B = {
     "architectures": ["Qwen2ForCausalLM"],
     "model_type": "qwen2",
