@@ -114,22 +114,25 @@ def refuse_extra_fields(
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")  # refused by name in refuse_unsupported
 
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class _Sampling(BaseModel):
     # Undeclared fields are kept (``model_extra``) so refuse_unsupported can name them in the 400.
     model_config = ConfigDict(extra="allow")
 
+    # Numbers and booleans are strict, as OpenAI's API is: "stream": "yes" or "max_tokens": true is a 400, not a
+    # guess (an int is still a valid float).
     model: str
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    max_tokens: int | None = Field(None, strict=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    seed: int | None = Field(None, strict=True)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # vLLM's: generation ends only at max_tokens or a stop string, never at EOS
+    # vLLM's: generation ends only at max_tokens or a stop string, never at EOS
+    ignore_eos: bool = Field(False, strict=True)
 
     @field_validator("stop")
     @classmethod
@@ -158,7 +161,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = Field(16, strict=True)  # OpenAI's default for completions
 
     def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
         return COMPLETION_UNSUPPORTED
@@ -198,8 +201,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens; both are honoured
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(
+        None, strict=True
+    )  # deprecated by OpenAI in favour of max_completion_tokens; both are honoured
+    max_completion_tokens: int | None = Field(None, strict=True)
 
     def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
         return CHAT_UNSUPPORTED

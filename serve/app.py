@@ -187,6 +187,11 @@ async def _parse(request: Request, model_cls: type) -> Any:
     if not isinstance(payload, dict):
         raise bad_request("the request body must be a JSON object")
     try:
+        # JSON may spell a lone UTF-16 surrogate ("\ud800"), which no tokenizer (nor UTF-8) can take.
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request("the request holds a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode") from exc
+    try:
         return model_cls.model_validate(payload)
     except ValidationError as exc:
         errors = exc.errors()

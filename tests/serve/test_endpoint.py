@@ -157,6 +157,25 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=3 is not supported"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
+    ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800abc"}' % MODEL.encode(), 400, "lone UTF-16 surrogate"),
+    (
+        "/v1/chat/completions",
+        b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % MODEL.encode(),
+        400,
+        "surrogate",
+    ),
+    # No lax coercions (OpenAI's API refuses them too).
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": "0.5"}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "ignore_eos": 1}, 400, "ignore_eos"),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": "7"},
+        400,
+        "seed",
+    ),
 ]
 
 
