@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moe_core.loading import load_model
 from moe_core.losses import (
@@ -326,22 +325,23 @@ def held_out_loss(model: CausalLM, blocks: torch.Tensor, micro_batch: int, rank:
     """Mean next-token loss over every eval block, each rank on its own share, the same for any world size.
 
     Every rank runs the same number of forwards (an expert-parallel forward is a collective), so a rank whose
-    share is one block short fills it with block 0 at weight 0.
+    share is one block short runs block 0 in its place and leaves it out of the loss.
     """
     device = next(model.parameters()).device
     per_rank = -(-len(blocks) // world)
     index = torch.arange(rank * per_rank, (rank + 1) * per_rank)
-    weight = (index < len(blocks)).double().to(device)
-    mine = blocks[torch.where(index < len(blocks), index, 0)]
+    real = index < len(blocks)
+    mine = blocks[torch.where(real, index, 0)]
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed per-block mean loss, blocks
-    for ids, w in zip(mine.split(micro_batch), weight.split(micro_batch), strict=True):
+    for ids, keep in zip(mine.split(micro_batch), real.to(device).split(micro_batch), strict=True):
         ids = ids.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(ids).logits
-        per_block = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none").mean(1)
-        total += torch.stack([(per_block.double() * w).sum(), w.sum()])
+        if keep.any():  # equal-length blocks: the batch mean times the count is the sum of per-block means
+            n = int(keep.sum())
+            total += torch.stack([next_token_loss(logits[keep], ids[keep]).double() * n, total.new_tensor(n)])
     model.train(was_training)
     if world > 1:
         dist.all_reduce(total)
