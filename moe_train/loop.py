@@ -36,6 +36,7 @@ from moe_core.moe import Routing
 from moe_train.config import AuxLoss, TrainConfig, model_config_for
 from moe_train.expert_parallel import ParallelLayout, ProcessGroups, build_process_groups, install_expert_parallel
 from moe_train.optim import LossOutput, PlainStepper, Stepper
+from moe_train.stopping import StopPoll
 from moe_train.tracking import (
     Tracker,
     default_peak_flops,
@@ -261,6 +262,7 @@ def _train_steps(
     run_dir = Path(cfg.out)
     model = stepper.model
     device = next(model.parameters()).device
+    stop_poll = StopPoll(config["stop_flag"]) if rank == 0 and config.get("stop_flag") is not None else None
     for step in range(start, cfg.steps):
         maybe_fail(config.get("inject_failure"), step, rank)
         t0 = time.perf_counter()
@@ -290,7 +292,7 @@ def _train_steps(
             **parts,
         }
         last = step + 1 == cfg.steps
-        stopping = not last and stop_requested(config.get("stop_flag"), rank, world, device)
+        stopping = not last and stop_requested(stop_poll, world, device)
         if eval_blocks is not None and (last or stopping or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
             metrics["eval_loss"] = held_out_loss(model, eval_blocks, cfg.micro_batch, rank, world)
         tracker.log(metrics, step + 1)
@@ -308,13 +310,9 @@ def _train_steps(
             return
 
 
-def stop_requested(flag: Any, rank: int, world: int, device: torch.device) -> bool:
-    """Whether the driver asked to stop (``stopping.StopFlag``): rank 0 asks, every rank gets the same answer."""
-    if flag is None:
-        return False
-    import ray
-
-    asked = torch.tensor([float(rank == 0 and ray.get(flag.is_set.remote()))], device=device)
+def stop_requested(poll: StopPoll | None, world: int, device: torch.device) -> bool:
+    """Whether the driver asked to stop (``stopping``): rank 0 (the one with ``poll``) looks, all get its answer."""
+    asked = torch.tensor([float(poll is not None and poll.asked_now())], device=device)
     if world > 1:
         dist.all_reduce(asked)  # on the compute device: NCCL takes no CPU tensors
     return bool(asked.item())

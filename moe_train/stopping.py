@@ -17,14 +17,13 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import ray
-
 STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # read by Ray's job supervisor, from the job's runtime_env
 STOP_WAIT_S = 600  # how long Ray waits for a stopped training job to checkpoint before killing it
 
 
-@ray.remote(num_cpus=0)
 class StopFlag:
+    """Held by a zero-CPU Ray actor (``start_stop_flag``)."""
+
     def __init__(self) -> None:
         self._set = False
 
@@ -33,6 +32,14 @@ class StopFlag:
 
     def is_set(self) -> bool:
         return self._set
+
+
+def start_stop_flag() -> Any:
+    """The flag's actor. Ray is imported here, not at module level: ``upmoe submit`` reads this module's constants
+    and should not load Ray's core for them."""
+    import ray
+
+    return ray.remote(num_cpus=0)(StopFlag).remote()
 
 
 @contextlib.contextmanager
@@ -63,3 +70,21 @@ def stop_on_signal(flag: Any) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+class StopPoll:
+    """Rank 0's view of the flag, refreshed without blocking the step: one actor call in flight at a time, so
+    a stop is seen a step or so after the signal, and a step never waits on the actor."""
+
+    def __init__(self, flag: Any) -> None:
+        self.flag, self.pending, self.asked = flag, None, False
+
+    def asked_now(self) -> bool:
+        import ray
+
+        if self.pending is None:
+            self.pending = self.flag.is_set.remote()
+        ready, _ = ray.wait([self.pending], timeout=0)
+        if ready:
+            self.asked, self.pending = bool(ray.get(self.pending)), None
+        return self.asked

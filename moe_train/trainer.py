@@ -59,7 +59,7 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
     from ray.train.torch import TorchTrainer
 
     from moe_train.loop import train_loop_per_worker
-    from moe_train.stopping import StopFlag, stop_on_signal
+    from moe_train.stopping import start_stop_flag, stop_on_signal
 
     validate_before_start(cfg)
     out = Path(cfg.out).resolve()
@@ -69,7 +69,7 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
     if not ray.is_initialized():  # before Ray Data, which would otherwise start a local Ray of its own
         ray.init(address=cfg.ray_address, log_to_driver=False, configure_logging=False)
     blocks_path, eval_path = prepare_blocks(cfg)
-    stop_flag = StopFlag.remote()
+    stop_flag = start_stop_flag()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
