@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -261,7 +262,7 @@ def follow(client: JobSubmissionClient, address: str, job_id: str) -> int:
     """Print the job's output as it comes; when it ends, its final status. 0 only if it SUCCEEDED."""
     try:
         try:
-            asyncio.run(_print_stream(client, job_id))
+            _stream_in_background(client, job_id)
         except RuntimeError as e:  # the stream broke (head restart, network): the job itself may be fine
             print(f"log stream lost ({e}); waiting for job {job_id} to end", file=sys.stderr)
         _wait_until_done(client, job_id)
@@ -273,6 +274,28 @@ def follow(client: JobSubmissionClient, address: str, job_id: str) -> int:
         )
         return 130
     return _report_end(client, job_id)
+
+
+def _stream_in_background(client: JobSubmissionClient, job_id: str) -> None:
+    """Print the log stream from a daemon thread until it ends; re-raise its error here.
+
+    The main thread only waits, so Ctrl-C reaches ``follow`` at once. Inside ``asyncio.run`` a Ctrl-C only
+    cancels the stream, whose websocket cleanup waits on the dashboard: on a cluster busy training, for minutes.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(_print_stream(client, job_id))
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="upmoe-job-logs", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
 
 
 async def _print_stream(client: JobSubmissionClient, job_id: str) -> None:
