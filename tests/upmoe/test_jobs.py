@@ -53,9 +53,35 @@ class Cluster:
         return {j["submission_id"] for j in self.api("/api/jobs/") if j.get("submission_id")}
 
 
+def _sigint_blocked(pid: int | str = "self") -> bool:
+    """Whether SIGINT is in the process's blocked-signal mask (``SigBlk`` in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
+
+
+def _as_from_a_shell() -> None:
+    """A child as a terminal starts it: SIGINT unblocked. The signal mask is inherited, and this test process may
+    have SIGINT blocked (Ray blocks it in the processes it starts, and code run in-process earlier can too)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def upmoe_process(*args: str | Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "upmoe.cli", *map(str, args)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's stack (see _stacks_of)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_from_a_shell
+    )
+
+
+def _stacks_of(proc: subprocess.Popen) -> str:
+    """A hung client's thread stacks, for the failure message."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        return proc.communicate(timeout=30)[1][-6000:]
+    except subprocess.TimeoutExpired:
+        return "(no stacks)"
 
 
 def processes_naming(path: Path) -> list[str]:
@@ -220,12 +246,24 @@ def test_ctrl_c_leaves_the_job_running_and_jobs_stop_stops_it(
     argv = ["--model", upcycled[1], "--out", models / "long", "--steps", "100000", *TRAIN_ARGS, *TRAIN_QUIET]
     proc = upmoe_process("submit", "--address", cluster.address, "--job-id", "upmoe-ctrl-c", "train", *argv)
     try:
+        _ctrl_c_then_stop(cluster, proc)
+    finally:  # a failure must not leave a 100,000-step job holding the cluster's CPUs for the next tests
+        if cluster.api("/api/jobs/upmoe-ctrl-c")["status"] in ("PENDING", "RUNNING"):
+            run_cli("jobs", "stop", "upmoe-ctrl-c", "--address", cluster.address)
+
+
+def _ctrl_c_then_stop(cluster: Cluster, proc: subprocess.Popen) -> None:
+    try:
         assert proc.stdout.readline().startswith("submitted job upmoe-ctrl-c")
         deadline = time.monotonic() + 60
         while cluster.api("/api/jobs/upmoe-ctrl-c")["status"] != "RUNNING" and time.monotonic() < deadline:
             time.sleep(0.5)
+        assert not _sigint_blocked(proc.pid), f"SIGINT blocked in the client (here: {_sigint_blocked()})"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)  # generous: a loaded CI machine
+        try:
+            _, err = proc.communicate(timeout=120)  # generous: a loaded CI machine
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"upmoe submit ignored Ctrl-C for 120 s; its threads:\n{_stacks_of(proc)}")
     finally:
         proc.kill()
     assert proc.returncode == 130
