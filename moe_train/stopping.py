@@ -69,7 +69,8 @@ def stop_on_signal(flag: Any) -> Iterator[None]:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            if handler is not None:  # None: installed outside Python, nothing to restore
+                signal.signal(s, handler)
 
 
 class StopPoll:

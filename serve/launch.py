@@ -57,7 +57,8 @@ def run_serve(opts: ServeOptions) -> int:
     if connected_here:
         ray.init(address=opts.ray_address, log_to_driver=False, configure_logging=False)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, and `ray job stop` / Kubernetes
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:  # Ctrl-C, and `ray job stop` / Kubernetes
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
@@ -88,4 +89,7 @@ def run_serve(opts: ServeOptions) -> int:
         finally:
             if connected_here:
                 ray.shutdown()
+            for sig, handler in previous.items():
+                if handler is not None:  # None: installed outside Python, nothing to restore
+                    signal.signal(sig, handler)
     return 0

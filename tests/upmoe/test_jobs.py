@@ -62,9 +62,11 @@ def _sigint_blocked(pid: int | str = "self") -> bool:
 
 
 def _as_from_a_shell() -> None:
-    """A child as a terminal starts it: SIGINT unblocked. The signal mask is inherited, and this test process may
-    have SIGINT blocked (Ray blocks it in the processes it starts, and code run in-process earlier can too)."""
+    """A child as a terminal starts it: SIGINT unblocked and handled by default. Both are inherited: Ray blocks
+    SIGINT in the processes it starts, and a shell ignores it in anything it starts with `&` (a suite run as a
+    background job would otherwise hand an ignored SIGINT to the client)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def upmoe_process(*args: str | Path) -> subprocess.Popen:
