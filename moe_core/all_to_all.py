@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from moe_core.experts import Experts
+from moe_core.host_reads import split_sizes
 from moe_core.permute import combine_slots, counts_per_rank, gather_slots, inverse_permutation, sort_slots_by_expert
 
 
@@ -84,11 +85,14 @@ class AllToAllDispatcher:
         send_RE = counts_E.view(self.ep_size, -1).contiguous()
         recv_RE = torch.empty_like(send_RE)
         dist.all_to_all_single(recv_RE, send_RE, group=self.group)
-        send_R = counts_per_rank(counts_E, self.ep_size).tolist()
-        recv_R = recv_RE.sum(dim=1).tolist()
+        # The only host reads of the dispatch: the split sizes all_to_all_single needs (one sync each).
+        send_R = split_sizes(counts_per_rank(counts_E, self.ep_size), total=x_SD.shape[0])
+        recv_R = split_sizes(recv_RE.sum(dim=1), total=x_SD.shape[0])
         x_recv = _AllToAll.apply(x_SD, recv_R, send_R, self.group, self.timer)
         # Received rows are grouped by source rank, then local expert; the experts want them by expert.
-        source_of_row = torch.repeat_interleave(torch.arange(recv_RE.numel()), recv_RE.reshape(-1))
+        source_of_row = torch.repeat_interleave(
+            torch.arange(recv_RE.numel(), device=recv_RE.device), recv_RE.reshape(-1), output_size=sum(recv_R)
+        )
         expert_of_row = source_of_row % recv_RE.shape[1]
         regroup = torch.argsort(expert_of_row, stable=True)
         state = _DispatchState(order_S, send_R, recv_R, regroup)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core.host_reads import split_sizes
+
 
 class ExpertBackend(str, Enum):
     EAGER = "eager"
@@ -114,6 +116,15 @@ def default_backend() -> ExpertBackend:
     return ExpertBackend.GROUPED if hasattr(F, "grouped_mm") else ExpertBackend.EAGER
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on (grouped_mm has no autocast rule, so the
+    cast is ours, as autocast would do for a linear), otherwise the weights'. Either way activations and weights
+    agree: grouped kernels take no mixed dtypes."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
 class Experts(nn.Module):
     """The routed experts with global ids ``first_expert .. first_expert + num_local - 1``.
 
@@ -148,11 +159,13 @@ class Experts(nn.Module):
         return range(self.first_expert, self.first_expert + self.num_local)
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
-        counts = counts_E.tolist() if isinstance(counts_E, torch.Tensor) else list(counts_E)
+        counts = split_sizes(counts_E, x_SD.shape[0]) if isinstance(counts_E, torch.Tensor) else list(counts_E)
+        dtype = compute_dtype(x_SD, self.gate_up_proj)
+        x_SD, gate_up, down = x_SD.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if x_SD.shape[0] == 0:
             # Keep the weights in the graph so every rank's backward touches them (DDP/ZeRO hooks fire).
-            return x_SD.new_zeros(0, x_SD.shape[1]) + 0 * (self.gate_up_proj.sum() + self.down_proj.sum())
-        return _BACKENDS[self.backend](x_SD, counts, self.gate_up_proj, self.down_proj)
+            return x_SD.new_zeros(0, x_SD.shape[1]) + 0 * (gate_up.sum() + down.sum())
+        return _BACKENDS[self.backend](x_SD, counts, gate_up, down)
 
     def extra_repr(self) -> str:
         return (

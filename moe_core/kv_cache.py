@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from moe_core.config import ModelConfig
+from moe_core.host_reads import any_true, max_value
 
 
 class CacheFullError(RuntimeError):
@@ -46,7 +47,7 @@ class KVCache:
         """Positions [B, T] of the next tokens of each row; padding (t >= input length) maps to the scratch column."""
         start_B = self.lengths[slots_B]
         end_B = start_B + input_lengths_B.to(start_B.device)
-        if bool((end_B > self.max_tokens).any()):
+        if any_true(end_B > self.max_tokens):
             row = int(torch.argmax((end_B > self.max_tokens).int()))
             raise CacheFullError(
                 f"KV cache slot {int(slots_B[row])} holds {self.max_tokens} tokens; writing "
@@ -65,7 +66,7 @@ class KVCache:
         self.k[layer][rows, :, positions_BT] = k_BHTd.transpose(1, 2).to(self.k.dtype)
         self.v[layer][rows, :, positions_BT] = v_BHTd.transpose(1, 2).to(self.v.dtype)
         # Real tokens see keys up to their own position; padding rows (scratch position) see all, harmlessly.
-        visible = int(positions_BT.max()) + 1
+        visible = max_value(positions_BT, assumed=self.max_tokens) + 1
         return self.k[layer][slots_B, :, :visible], self.v[layer][slots_B, :, :visible]
 
     def advance(self, slots_B: torch.Tensor, num_new_B: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """Load and save whole models as Hugging Face directories (config.json + sharded safetensors + tokenizer).
 
-Loading is lazy and exact: the model is built on the meta device, materialised empty, and filled tensor by
-tensor from mmap'd safetensors, so peak memory is the model itself. A model built owning a subset of the
+Loading is lazy and exact: the model is built on the meta device, materialised empty directly in the target
+dtype on the target device, and filled tensor by tensor from mmap'd safetensors, so peak memory is the model
+itself (no fp32 copy of a bf16 model first). A model built owning a subset of the
 routed experts reads only those experts' tensors. Every missing, unexpected or mis-shaped tensor is an
 error that names the key, the file and what the config implies.
 """
@@ -65,9 +66,9 @@ def load_model(
         model = CausalLM(
             cfg, expert_backend=expert_backend, first_expert=first_expert, num_local_experts=num_local_experts
         )
+    model.to(parse_dtype(dtype))  # on meta, free: the weights are then allocated once, in their dtype
     model.to_empty(device=device)
     model.tie_weights()
-    model.to(parse_dtype(dtype))
     model.reset_buffers()
     with TensorReader(model_dir) as reader:
         check_keys(reader, cfg, model_dir)

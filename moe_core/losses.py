@@ -102,11 +102,6 @@ def router_z_loss(logits_per_layer: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(per_layer).mean()
 
 
-def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert from the chosen expert ids of one layer."""
-    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
-
-
 def load_stats(counts_E: torch.Tensor, router_probs_TE: torch.Tensor | None = None) -> dict[str, float]:
     """Per-layer load summary: max/mean, coefficient of variation, dead experts, mean router entropy.
 

@@ -9,6 +9,7 @@ Shape legend: B batch, T new tokens, S visible key positions, D hidden, H q head
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -159,6 +160,17 @@ class CausalLM(nn.Module):
         self.rope_inv_freq.copy_(rope_frequencies(self.config)[0])
         for moe in self.moe_layers():
             moe.gate.selection_bias.zero_()
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CausalLM:
+        # Module.to(dtype) casts buffers too. Rotary frequencies in bf16 are off by up to 4.7 rad at position
+        # 4095, and a bf16 selection bias cannot take small steps: both stay fp32 whatever the weights' dtype.
+        super()._apply(fn, recurse)
+        if self.rope_inv_freq.dtype != torch.float32:
+            self.rope_inv_freq = rope_frequencies(self.config)[0].to(self.rope_inv_freq.device)
+        for moe in self.moe_layers():
+            if moe.gate.selection_bias.dtype != torch.float32:
+                moe.gate.selection_bias = moe.gate.selection_bias.float()
+        return self
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]

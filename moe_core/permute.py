@@ -11,12 +11,18 @@ from __future__ import annotations
 import torch
 
 
+def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert (int64). A scatter-add rather than ``bincount``, whose output length depends on the
+    data (the largest id), so it has no shape on the meta device and needs a device sync to size it."""
+    flat = expert_idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_slots_by_expert(expert_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order_S, counts_E): slot indices in expert order (stable), and how many slots each expert got."""
     flat_S = expert_idx_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
-    counts_E = torch.bincount(flat_S, minlength=num_experts)
-    return order_S, counts_E
+    return order_S, expert_counts(flat_S, num_experts)
 
 
 def inverse_permutation(order_S: torch.Tensor) -> torch.Tensor:
@@ -35,7 +41,8 @@ def combine_slots(y_SD: torch.Tensor, order_S: torch.Tensor, weights_TK: torch.T
     num_tokens, top_k = weights_TK.shape
     y_slot_order = y_SD.index_select(0, inverse_permutation(order_S))
     weighted = y_slot_order.view(num_tokens, top_k, y_SD.shape[-1]) * weights_TK.unsqueeze(-1).to(y_SD.dtype)
-    return weighted.sum(dim=1)
+    # CUDA autocast runs sum in fp32: without the cast, bf16 experts would turn the residual stream fp32.
+    return weighted.sum(dim=1).to(y_SD.dtype)
 
 
 def counts_per_rank(counts_E: torch.Tensor, num_ranks: int) -> torch.Tensor:

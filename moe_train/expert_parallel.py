@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moe_core.all_to_all import AllToAllDispatcher, CommTimer
+from moe_core.host_reads import floats
 from moe_core.model import CausalLM
 from moe_core.moe import MoE
 
@@ -134,8 +135,9 @@ def clip_gradients(model: torch.nn.Module, groups: ProcessGroups | None, max_nor
     Non-expert gradients are identical on all ranks after reduction; expert gradients differ per EP rank, so
     their squared norms are summed over the EP group.
     """
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device  # the sums and their all-reduce stay on the compute device
+    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
     grads = []
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -148,7 +150,7 @@ def clip_gradients(model: torch.nn.Module, groups: ProcessGroups | None, max_nor
             dense_sq += sq
     if groups is not None and groups.layout.ep_size > 1:
         dist.all_reduce(expert_sq, group=groups.ep)
-    norm = float((dense_sq + expert_sq).sqrt())
+    norm = floats((dense_sq + expert_sq).sqrt().reshape(1))[0]
     if max_norm > 0 and norm > max_norm:
         for g in grads:
             g.mul_(max_norm / (norm + 1e-6))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_core.host_reads import any_true, floats
 from moe_core.loading import load_model
 from moe_core.losses import (
     global_load_balancing_loss,
@@ -115,7 +116,8 @@ def micro_batch_loss(model: CausalLM, ids: torch.Tensor, cfg: TrainConfig) -> Lo
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(ids)
     lm = next_token_loss(out.logits, ids)
-    loss, parts = lm, {"lm_loss": lm.item()}
+    # Parts stay on the device (detached): the step reads them on the host once, in mean_over_ranks.
+    loss, parts = lm, {"lm_loss": lm.detach()}
     if out.routings and cfg.aux_loss is not AuxLoss.NONE:
         # From the routing the forward chose (selection_bias included), not a top-k redone from the logits.
         if cfg.aux_loss is AuxLoss.GLOBAL:
@@ -123,23 +125,25 @@ def micro_batch_loss(model: CausalLM, ids: torch.Tensor, cfg: TrainConfig) -> Lo
         else:
             aux = load_balancing_loss(out.routings)
         loss = loss + cfg.aux_coef * aux
-        parts["aux_loss"] = aux.item()
+        parts["aux_loss"] = aux.detach()
     if out.routings and cfg.z_loss_coef > 0:
         z = router_z_loss(out.router_logits)
         loss = loss + cfg.z_loss_coef * z
-        parts["z_loss"] = z.item()
+        parts["z_loss"] = z.detach()
     counts = routing_counts(out.routings, model.config.num_experts) if out.routings else None
     return loss, parts, counts
 
 
-def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
-    """The global-batch mean of per-rank metrics (every rank holds the same number of tokens)."""
-    if world == 1 or not values:
-        return values
+def mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """The global-batch mean of per-rank metrics (every rank holds the same number of tokens), read on the host
+    in one go: one all-reduce on the compute device (NCCL takes no CPU tensors), one sync."""
+    if not values:
+        return {}
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+    t = torch.stack([values[k].double() for k in keys])
+    if world > 1:
+        dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, floats(t), strict=True)}
 
 
 def maybe_fail(spec: dict[str, Any] | None, step: int, rank: int) -> None:
@@ -192,13 +196,13 @@ def load_rank_checkpoint(directory: Path, rank: int, stepper: Stepper, zero_stag
 
 def accumulate_global_batch(
     stepper: Stepper, micro_batches: list[torch.Tensor]
-) -> tuple[dict[str, float], torch.Tensor | None]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Forward and backward over this rank's micro-batches: mean loss parts and summed expert counts."""
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     counts_LE = None
     for i, ids in enumerate(micro_batches):
         _, p, counts = stepper.micro_step(ids, last=i == len(micro_batches) - 1)
-        parts = {k: parts.get(k, 0.0) + v / len(micro_batches) for k, v in p.items()}
+        parts = {k: parts[k] + v / len(micro_batches) if k in parts else v / len(micro_batches) for k, v in p.items()}
         counts_LE = counts if counts_LE is None else counts_LE + counts
     return parts, counts_LE
 
@@ -273,7 +277,7 @@ def _train_steps(
         if counts_LE is not None:
             if world > 1:
                 dist.all_reduce(counts_LE)
-            parts.update(expert_load_metrics(counts_LE))
+            parts.update(expert_load_metrics(counts_LE.cpu()))  # one copy to the host, not one read per layer
             if cfg.aux_free_bias_rate > 0:
                 update_selection_bias(model, counts_LE, cfg.aux_free_bias_rate)
         grad_norm = stepper.step()
@@ -315,7 +319,7 @@ def stop_requested(poll: StopPoll | None, world: int, device: torch.device) -> b
     asked = torch.tensor([float(poll is not None and poll.asked_now())], device=device)
     if world > 1:
         dist.all_reduce(asked)  # on the compute device: NCCL takes no CPU tensors
-    return bool(asked.item())
+    return any_true(asked > 0)
 
 
 @torch.no_grad()
@@ -343,4 +347,4 @@ def held_out_loss(model: CausalLM, blocks: torch.Tensor, micro_batch: int, rank:
     model.train(was_training)
     if world > 1:
         dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return floats(total[0] / total[1])[0]

@@ -19,8 +19,9 @@ from moe_core.model import CausalLM
 from moe_train.config import TrainConfig
 from moe_train.expert_parallel import ProcessGroups, clip_gradients, reduce_gradients
 
-# A micro-batch's loss, its float parts for logging, and its per-layer expert counts (None for dense models).
-LossOutput = tuple[torch.Tensor, dict[str, float], torch.Tensor | None]
+# A micro-batch's loss, its parts for logging (detached, on the device), and its per-layer expert counts (None for
+# dense models).
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]
 LossFn = Callable[[CausalLM, torch.Tensor], LossOutput]
 
 ADAM_BETAS = (0.9, 0.95)

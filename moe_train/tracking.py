@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from moe_core.config import ModelConfig
-from moe_core.losses import expert_counts, load_stats
+from moe_core.losses import load_stats
 from moe_core.moe import Routing
 from moe_core.params import count_parameters
+from moe_core.permute import expert_counts
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from moe_core.generate import pad_right
 from moe_core.kv_cache import KVCache
 from moe_core.loading import load_model
 from moe_core.model import CausalLM, CausalLMOutput
+from moe_core.permute import expert_counts
 from serve.engine import StepOutput
 
 DEFAULT_MAX_SEQ_LEN = 8192  # without --max-seq-len: the model's context, capped so the cache stays modest
@@ -95,7 +96,7 @@ class ModelShard:
         counts = []
         for routing in out.routings:
             experts_TK = routing.experts_TK if real_T is None else routing.experts_TK[real_T]
-            counts.append(torch.bincount(experts_TK.reshape(-1), minlength=self.config.num_experts))
+            counts.append(expert_counts(experts_TK, self.config.num_experts))
         return torch.stack(counts).cpu()
 
 

@@ -13,7 +13,8 @@ import torch
 
 from moe_core.evaluate import evaluate_blocks, token_blocks
 from moe_core.loading import load_model
-from moe_core.losses import expert_counts, load_balancing_loss, load_stats
+from moe_core.losses import load_balancing_loss, load_stats
+from moe_core.permute import expert_counts
 from moe_core.tokenizer import Tokenizer
 
 

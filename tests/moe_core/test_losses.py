@@ -13,7 +13,6 @@ import torch
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from moe_core.losses import (
-    expert_counts,
     global_load_balancing_loss,
     load_balancing_loss,
     load_stats,
@@ -23,6 +22,7 @@ from moe_core.losses import (
     switch_loss,
 )
 from moe_core.moe import Router, Routing
+from moe_core.permute import expert_counts
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

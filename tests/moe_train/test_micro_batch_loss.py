@@ -57,6 +57,7 @@ def test_micro_batch_loss_uses_the_routing_the_forward_chose(aux_loss: AuxLoss, 
         z_loss_coef=Z_COEF,
     )
     loss, parts, counts = micro_batch_loss(model, ids, cfg)
+    parts = {k: v.item() for k, v in parts.items()}  # detached device scalars
 
     # The logged counts are the experts that ran.
     assert counts is not None and counts.shape == (len(favoured), num_experts)
