@@ -10,6 +10,10 @@ BENCHMARKS = {
     "upcycle-quality": ("bench.upcycle_quality", "step-0 loss, aux loss and router entropy of every init (debug)"),
     "train": ("bench.train", "training tokens/s, MFU and all-to-all share with EP=1 and EP=2 (CPU workers)"),
     "serve": ("bench.serve", "endpoint tokens/s, TTFT and TPOT under concurrent clients vs transformers generate"),
+    "gpu-readiness": (
+        "bench.gpu_readiness",
+        "training forward and serving of a layout on fake CUDA devices: CPU/CUDA mixes, collectives, dtypes",
+    ),
     "upcycle": ("bench.upcycle", "upcycle a random dense checkpoint vs copying the same bytes: time, GB/s, RSS"),
 }
 

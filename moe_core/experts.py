@@ -116,13 +116,19 @@ def default_backend() -> ExpertBackend:
     return ExpertBackend.GROUPED if hasattr(F, "grouped_mm") else ExpertBackend.EAGER
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where it is on for this device type, else None (``moe_core.fake_devices`` emulates it
+    here for devices that have no autocast of their own: meta, and fake CUDA on a CPU build)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype the expert matmuls run in: autocast's where it is on (grouped_mm has no autocast rule, so the
     cast is ours, as autocast would do for a linear), otherwise the weights'. Either way activations and weights
     agree: grouped kernels take no mixed dtypes."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
+    return autocast_dtype(x.device.type) or weight.dtype
 
 
 class Experts(nn.Module):

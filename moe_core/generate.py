@@ -15,7 +15,7 @@ from moe_core.model import CausalLM
 def pad_right(sequences: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, T_max], lengths [B]) for sequences of different lengths."""
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), max(map(len, sequences))), pad_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ids, lengths

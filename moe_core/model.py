@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from moe_core.config import ModelConfig
 from moe_core.experts import ExpertBackend
@@ -150,6 +151,9 @@ class CausalLM(nn.Module):
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.rope_scale = scale
         self.activation_checkpointing = False
+        # torch.utils.checkpoint's context_fn: the contexts of the forward and of its recomputation in backward.
+        # torch re-enters a real autocast itself; an emulated one (moe_core.fake_devices) must be re-entered here.
+        self.checkpoint_contexts: Callable[[], tuple[Any, Any]] = noop_context_fn
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -225,7 +229,7 @@ class CausalLM(nn.Module):
         routings: list[Routing] = []
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
-                x, routing = checkpoint(layer, x, ctx, use_reentrant=False)
+                x, routing = checkpoint(layer, x, ctx, use_reentrant=False, context_fn=self.checkpoint_contexts)
             else:
                 x, routing = layer(x, ctx)
             if routing is not None:
@@ -238,8 +242,12 @@ class CausalLM(nn.Module):
         return CausalLMOutput(logits=logits, routings=routings)
 
 
-def next_token_loss(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting tokens 2..T from their prefixes (fp32)."""
-    return F.cross_entropy(
-        logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1]).float(), input_ids_BT[:, 1:].reshape(-1)
+def next_token_loss(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of predicting tokens 2..T from their prefixes (fp32); ``per_row``: one mean per row."""
+    b, t, v = logits_BTV.shape
+    losses = F.cross_entropy(
+        logits_BTV[:, :-1].reshape(-1, v).float(),
+        input_ids_BT[:, 1:].reshape(-1),
+        reduction="none" if per_row else "mean",
     )
+    return losses.view(b, t - 1).mean(dim=1) if per_row else losses

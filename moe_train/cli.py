@@ -86,12 +86,32 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--seed", type=int, help="seed for data order and initialisation (default 0)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    plan = p.add_argument_group(
+        "memory plan",
+        "--plan trains nothing: it runs one real training step of rank 0 of this layout on the meta device with a "
+        "fake process group and prints the GPU memory it needs per rank, by kind, with a verdict",
+    )
+    plan.add_argument("--plan", action="store_true", help="print the per-rank memory plan of this layout and exit")
+    plan.add_argument(
+        "--model-config", type=Path, help="with --plan: an HF config.json (or its directory) instead of --model"
+    )
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    plan.add_argument(
+        "--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (CUDA context, NCCL, fragments)"
+    )
+
+
+PLAN_ONLY = ("plan", "model_config", "gpu_memory_gib", "headroom")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.plan:
+        return run_plan(args)
+    if args.model_config is not None:
+        raise SystemExit("--model-config is for --plan; training needs --model (a directory with weights)")
     from moe_train.trainer import run_training
 
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "json", "preset")}
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "json", "preset", *PLAN_ONLY)}
     cfg = load_train_config(args.config, options, preset=args.preset)
     summary = run_training(cfg)
     if summary["stopped_early"]:
@@ -104,6 +124,27 @@ def run_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from moe_train.plan import PlanError, plan_training
+
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "json", "preset", *PLAN_ONLY)}
+    if args.model_config is not None:
+        if args.model is not None:
+            raise SystemExit("give --model or --model-config, not both")
+        options["model"] = str(args.model_config)
+    # Nothing is read or written: data and run directory only matter to a real run.
+    options = {"data": "embedded", "out": "plan", **{k: v for k, v in options.items() if v is not None}}
+    cfg = load_train_config(args.config, options, preset=args.preset)
+    try:
+        plan = plan_training(cfg, gpu_memory_gib=args.gpu_memory_gib, headroom=args.headroom)
+    except PlanError as e:
+        raise SystemExit(f"upmoe train --plan: {e}") from None
+    print(plan.table())
+    if args.json:
+        print(json.dumps(plan.as_dict()))
+    return 0 if plan.fits else 3
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:

@@ -166,8 +166,9 @@ def build_stepper(cfg: TrainConfig, model: CausalLM, groups: ProcessGroups | Non
     return ZeroStepper(model, groups, cfg, world, loss_fn)
 
 
-def save_rank_checkpoint(directory: Path, rank: int, stepper: Stepper, step: int, zero_stage: int) -> None:
-    state = {
+def rank_checkpoint_state(stepper: Stepper, step: int, zero_stage: int) -> dict[str, Any]:
+    """What one rank's checkpoint holds (the memory planner measures building it too)."""
+    return {
         "model": stepper.model_state(),
         "optimizer": stepper.optimizer_state(),
         "zero_stage": zero_stage,
@@ -176,7 +177,10 @@ def save_rank_checkpoint(directory: Path, rank: int, stepper: Stepper, step: int
         # Not part of the HF checkpoint (Qwen2-MoE has no router bias), but part of the training state.
         "selection_bias": [moe.gate.selection_bias.clone() for moe in stepper.model.moe_layers()],
     }
-    torch.save(state, directory / RANK_FILE.format(rank=rank))
+
+
+def save_rank_checkpoint(directory: Path, rank: int, stepper: Stepper, step: int, zero_stage: int) -> None:
+    torch.save(rank_checkpoint_state(stepper, step, zero_stage), directory / RANK_FILE.format(rank=rank))
     if rank == 0:
         (directory / META_FILE).write_text(json.dumps({"step": step}))
 
@@ -341,9 +345,9 @@ def held_out_loss(model: CausalLM, blocks: torch.Tensor, micro_batch: int, rank:
         ids = ids.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(ids).logits
-        if keep.any():  # equal-length blocks: the batch mean times the count is the sum of per-block means
-            n = int(keep.sum())
-            total += torch.stack([next_token_loss(logits[keep], ids[keep]).double() * n, total.new_tensor(n)])
+        per_block = next_token_loss(logits, ids, per_row=True).double()
+        weight = keep.double()  # a weight, not a mask: no host sync, and the same work on every rank
+        total += torch.stack([(per_block * weight).sum(), weight.sum()])
     model.train(was_training)
     if world > 1:
         dist.all_reduce(total)

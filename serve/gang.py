@@ -76,9 +76,13 @@ def join_gang(spec: ShardSpec, master: str) -> ModelShard:
         backend, init_method=master, rank=spec.ep_rank, world_size=spec.ep_size, timeout=COLLECTIVE_TIMEOUT
     )
     shard = ModelShard(spec)
-    for moe in shard.model.moe_layers():
-        moe.dispatcher = TokenShardDispatcher(dist.group.WORLD, spec.ep_size, spec.ep_rank)
+    install_token_sharding(shard.model, dist.group.WORLD, spec.ep_size, spec.ep_rank)
     return shard
+
+
+def install_token_sharding(model: Any, group: Any, ep_size: int, ep_rank: int) -> None:
+    for moe in model.moe_layers():
+        moe.dispatcher = TokenShardDispatcher(group, ep_size, ep_rank)
 
 
 def set_threads_from_ray() -> None:

@@ -53,16 +53,21 @@ def check_expert_split(model_dir: str | Path, ep_size: int) -> ModelConfig:
 
 
 class ModelShard:
-    def __init__(self, spec: ShardSpec) -> None:
-        cfg = check_expert_split(spec.model_dir, spec.ep_size)
-        per_rank = cfg.num_experts // spec.ep_size if cfg.is_moe else None
-        self.model: CausalLM = load_model(
-            spec.model_dir,
-            dtype=spec.dtype,
-            device=spec.device,
-            first_expert=spec.ep_rank * per_rank if per_rank else 0,
-            num_local_experts=per_rank,
-        ).eval()
+    def __init__(self, spec: ShardSpec, model: CausalLM | None = None) -> None:
+        """Load this rank's part of ``spec.model_dir``, or take ``model`` built already (the fake-device
+        harness builds one with no weights to read)."""
+        if model is None:
+            cfg = check_expert_split(spec.model_dir, spec.ep_size)
+            per_rank = cfg.num_experts // spec.ep_size if cfg.is_moe else None
+            model = load_model(
+                spec.model_dir,
+                dtype=spec.dtype,
+                device=spec.device,
+                first_expert=spec.ep_rank * per_rank if per_rank else 0,
+                num_local_experts=per_rank,
+            )
+        self.model: CausalLM = model.eval()
+        cfg = model.config
         self.config = cfg
         self.cache = KVCache(cfg, spec.num_slots, spec.max_seq_len, dtype=spec.dtype, device=spec.device)
         self.device = torch.device(spec.device)
@@ -93,10 +98,7 @@ class ModelShard:
         """Tokens each expert received per MoE layer, padding excluded: the load this endpoint sees."""
         if not out.routings:
             return None
-        counts = []
-        for routing in out.routings:
-            experts_TK = routing.experts_TK if real_T is None else routing.experts_TK[real_T]
-            counts.append(expert_counts(experts_TK, self.config.num_experts))
+        counts = [expert_counts(r.experts_TK, self.config.num_experts, real_T) for r in out.routings]
         return torch.stack(counts).cpu()
 
 

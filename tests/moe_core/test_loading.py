@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moe_core.checkpoint_io import INDEX_FILE, CheckpointError
-from moe_core.config import ModelConfig
+from moe_core.config import ModelConfig, read_model_config
 from moe_core.loading import load_model, save_model
 from moe_core.model import CausalLM
 from moe_core.registry import get_preset
+from moe_core.rope import rope_frequencies
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -116,6 +117,16 @@ def test_round_trip_bf16(moe_model: CausalLM, tmp_path: Path) -> None:
     assert json.loads((again / "config.json").read_text())["torch_dtype"] == "bfloat16"
     _assert_bit_equal(loaded, load_model(again, dtype="bf16"))
     _assert_bit_equal(loaded, load_model(again, dtype="fp32"), dtype=torch.float32)
+
+
+def test_bf16_weights_keep_fp32_rotary_frequencies(saved_moe: Path) -> None:
+    # bf16 frequencies put position 4095 of a 4k context up to radians off; loading or casting must not do that.
+    want = rope_frequencies(read_model_config(saved_moe))[0]
+    loaded = load_model(saved_moe, dtype="bf16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    for model in (loaded, load_model(saved_moe).to(torch.bfloat16), loaded.float().half()):
+        assert model.rope_inv_freq.dtype == torch.float32 and torch.equal(model.rope_inv_freq, want)
+        assert all(moe.gate.selection_bias.dtype == torch.float32 for moe in model.moe_layers())
 
 
 def test_saving_keeps_v5_dtype_key(tmp_path: Path) -> None:

@@ -1,0 +1,205 @@
+"""``upmoe train --plan``: per-rank GPU memory of a training layout, measured by running the real step.
+
+The estimate is not a formula. It builds rank 0's part of the real model on the meta device (shapes, no
+data), joins a fake process group of the layout's world size (``moe_core.fake_devices``), installs the real
+expert-parallel dispatcher and optimizer, and runs one real training step: forward, loss, backward, gradient
+reduction and clipping, optimizer step, then builds the checkpoint state the loop would save. torch's
+``MemTracker`` counts every tensor that step allocates, by kind, at the step's peak: the approach of
+torchtitan's memory estimator. On a GPU plan CUDA autocast is emulated on meta tensors, so activations have
+the sizes they have on a GPU.
+
+What the plan assumes: routing spread evenly over the experts (the all-to-all's split sizes have no data on
+meta, ``moe_core.host_reads``), and a 10 % headroom (``--headroom``) for what the tracker cannot see: the
+CUDA context, NCCL buffers and allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from moe_core.config import ModelConfig
+from moe_core.experts import ExpertBackend
+from moe_core.fake_devices import EmulatedAutocast, fake_world
+from moe_core.model import CausalLM
+from moe_train.config import TrainConfig, model_config_for
+from moe_train.expert_parallel import ParallelLayout, build_process_groups, install_expert_parallel
+from moe_train.tracking import flops_per_token
+
+GIB = 2**30
+
+
+class PlanError(ValueError):
+    """The layout cannot be planned (or run) as given."""
+
+
+@dataclass
+class TrainingPlan:
+    world: int
+    ep: int
+    seq_len: int
+    micro_batch: int
+    zero_stage: int
+    activation_checkpointing: bool
+    gpu_memory_gib: float
+    headroom: float
+    params_gib: float  # this rank's parameters
+    grads_gib: float  # at the forward/backward peak
+    optimizer_gib: float
+    activations_gib: float  # activations and temporaries at the forward/backward peak
+    forward_backward_peak_gib: float
+    optimizer_step_peak_gib: float
+    checkpoint_save_peak_gib: float
+    rank_params: int
+    flops_per_token: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_gib_per_rank(self) -> float:
+        return max(self.forward_backward_peak_gib, self.optimizer_step_peak_gib, self.checkpoint_save_peak_gib)
+
+    @property
+    def budget_gib(self) -> float:
+        return self.gpu_memory_gib * (1 - self.headroom)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib_per_rank <= self.budget_gib
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {**asdict(self), "peak_gib_per_rank": self.peak_gib_per_rank, "fits": self.fits}
+        return {**out, "budget_gib": self.budget_gib}
+
+    def table(self) -> str:
+        rows = [
+            ("parameters", self.params_gib),
+            ("gradients", self.grads_gib),
+            ("optimizer state", self.optimizer_gib),
+            ("activations and temporaries", self.activations_gib),
+            ("peak: forward + backward", self.forward_backward_peak_gib),
+            ("peak: optimizer step", self.optimizer_step_peak_gib),
+            ("peak: building the checkpoint", self.checkpoint_save_peak_gib),
+            ("peak per rank", self.peak_gib_per_rank),
+        ]
+        head = (
+            f"rank 0 of {self.world} (EP {self.ep}, ZeRO stage {self.zero_stage}, seq {self.seq_len} × micro-batch "
+            f"{self.micro_batch}, activation checkpointing {'on' if self.activation_checkpointing else 'off'}): "
+            f"{self.rank_params / 1e9:.2f} B parameters on this rank"
+        )
+        lines = [head] + [f"  {name:<32} {gib:9.2f} GiB" for name, gib in rows]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(
+            f"  {verdict} in {self.gpu_memory_gib:g} GiB with {self.headroom:.0%} headroom "
+            f"(budget {self.budget_gib:.1f} GiB)"
+        )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan_training(cfg: TrainConfig, gpu_memory_gib: float = 80.0, headroom: float = 0.10) -> TrainingPlan:
+    """Measure rank 0's memory for ``cfg``'s layout (see the module docstring)."""
+    if cfg.zero_stage != 0:
+        raise PlanError(
+            f"--zero-stage {cfg.zero_stage}: the plan runs the real step on the meta device, which DeepSpeed cannot "
+            "do; plan --zero-stage 0"
+        )
+    return _plan(cfg, model_config_for(cfg), gpu_memory_gib, headroom)
+
+
+def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headroom: float) -> TrainingPlan:
+    from moe_train.loop import accumulate_global_batch, build_stepper, rank_checkpoint_state
+
+    world, on_gpu = cfg.workers, cfg.gpus_per_worker > 0
+    notes = ["routing assumed even over the experts (the all-to-all's sizes have no data on meta)"]
+    with fake_world(world):
+        model, groups = _meta_rank_model(cfg, model_cfg, world, notes)
+        stepper = build_stepper(cfg, model, groups, world)
+        _allocate_optimizer_state(stepper)  # the steady state: every step after the first holds it throughout
+        micro_batches = [torch.zeros(cfg.micro_batch, cfg.seq_len, dtype=torch.long) for _ in range(cfg.grad_accum)]
+        autocast = EmulatedAutocast("meta") if on_gpu else contextlib.nullcontext()
+        if on_gpu:  # activation checkpointing recomputes under the same (emulated) autocast, as torch's own would
+            model.checkpoint_contexts = lambda: (contextlib.nullcontext(), EmulatedAutocast("meta"))
+
+        def forward_backward(tracker: MemTracker) -> None:
+            with autocast:
+                # Two micro-batches show the peak of accumulation (gradients held through the next forward);
+                # more change nothing. MemTracker counts one forward per module: its module stats are reset.
+                for i, ids in enumerate(micro_batches[:2]):
+                    if i:
+                        tracker.reset_mod_stats()
+                    accumulate_global_batch(stepper, [ids])
+
+        fb = _peak_by_kind(stepper, forward_backward)
+        step = _peak_by_kind(stepper, lambda _: stepper.step())
+        save = _peak_by_kind(stepper, lambda _: rank_checkpoint_state(stepper, 1, cfg.zero_stage))
+    return TrainingPlan(
+        world=world,
+        ep=cfg.ep,
+        seq_len=cfg.seq_len,
+        micro_batch=cfg.micro_batch,
+        zero_stage=cfg.zero_stage,
+        activation_checkpointing=cfg.activation_checkpointing,
+        gpu_memory_gib=gpu_memory_gib,
+        headroom=headroom,
+        params_gib=fb.get("PARAM", 0) / GIB,
+        grads_gib=fb.get("GRAD", 0) / GIB,
+        optimizer_gib=fb.get("OPT", 0) / GIB,
+        activations_gib=(fb.get("ACT", 0) + fb.get("TEMP", 0)) / GIB,
+        forward_backward_peak_gib=sum(fb.values()) / GIB,
+        optimizer_step_peak_gib=sum(step.values()) / GIB,
+        checkpoint_save_peak_gib=sum(save.values()) / GIB,
+        rank_params=sum(p.numel() for p in model.parameters()),
+        flops_per_token=flops_per_token(model_cfg, cfg.seq_len),
+        notes=notes,
+    )
+
+
+@torch.no_grad()
+def _allocate_optimizer_state(stepper: Any) -> None:
+    for p in stepper.model.parameters():
+        p.grad = torch.zeros_like(p)
+    stepper.opt.step()
+    stepper.opt.zero_grad(set_to_none=True)
+
+
+def _peak_by_kind(stepper: Any, phase: Callable[[MemTracker], Any]) -> dict[str, int]:
+    """Bytes on the meta device at the peak of ``phase``, by MemTracker's kinds (PARAM, GRAD, OPT, ACT, ...)."""
+    tracker = MemTracker()
+    tracker.track_external(stepper.model, stepper.opt)
+    with tracker:
+        result = phase(tracker)
+    del result
+    out: dict[str, int] = {}
+    for device, kinds in tracker.get_tracker_snapshot("peak").items():
+        if torch.device(device).type != "meta":
+            continue  # the host-side ids of the batch
+        for kind, nbytes in kinds.items():
+            name = getattr(kind, "name", str(kind))
+            if name != "Total":
+                out[name] = out.get(name, 0) + nbytes
+    return out
+
+
+def _meta_rank_model(cfg: TrainConfig, model_cfg: ModelConfig, world: int, notes: list[str]) -> tuple[CausalLM, Any]:
+    """Rank 0's model on meta, as ``loop.build_rank_model`` builds it on a device (fp32 master weights)."""
+    backend = cfg.expert_backend
+    if backend == ExpertBackend.MEGABLOCKS.value:
+        notes.append("megablocks planned as 'grouped' (same tensors; its kernels need a real GPU)")
+        backend = ExpertBackend.GROUPED.value
+    groups, first, count = None, 0, None
+    if model_cfg.is_moe:
+        layout = ParallelLayout(world_size=world, ep_size=cfg.ep, num_experts=model_cfg.num_experts)
+        groups = build_process_groups(layout)
+        first, count = layout.first_expert(0), layout.experts_per_rank
+    with torch.device("meta"):
+        model = CausalLM(model_cfg, expert_backend=backend, first_expert=first, num_local_experts=count)
+    model.train()
+    if groups is not None and cfg.ep > 1:
+        install_expert_parallel(model, groups)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model, groups
