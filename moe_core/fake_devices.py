@@ -119,8 +119,7 @@ class EmulatedAutocast(TorchFunctionMode):
     ``torch.autocast("cuda")``) or "meta" (which has no autocast at all).
 
     Casts the floating inputs of the ops above on that device as CUDA autocast would, and tells the experts
-    (``moe_core.experts.autocast_dtype``) that autocast is on there, as the training step's autocast would. On
-    meta it also runs attention as a GPU's kernel would (flash attention), so activations have a GPU's sizes.
+    (``moe_core.experts.autocast_dtype``) that autocast is on there, as the training step's autocast would.
     """
 
     def __init__(self, device_type: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> None:
@@ -139,11 +138,6 @@ class EmulatedAutocast(TorchFunctionMode):
                 return x
 
             args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
-        if name == "scaled_dot_product_attention" and self.device_type == "meta" and _flash_eligible(args, kwargs):
-            # A GPU runs this causal bf16 attention (GQA included) with flash attention, which keeps no score
-            # matrix; on meta SDPA takes the math path, which would count [heads, T, T] fp32 scores per layer.
-            q, k, v = args
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, kwargs.get("is_causal", False))[0]
         return func(*args, **kwargs)
 
     def __enter__(self) -> EmulatedAutocast:
@@ -163,12 +157,37 @@ class EmulatedAutocast(TorchFunctionMode):
         self._patch.stop()
 
 
-def _flash_eligible(args: tuple, kwargs: dict) -> bool:
-    """What torch's flash-attention path takes: q, k, v only (no mask, no dropout), fp16/bf16, head dim ≤ 256."""
-    if len(args) != 3 or set(kwargs) - {"is_causal", "enable_gqa"}:
-        return False
-    q = args[0]
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+class MetaAttentionKernel(TorchFunctionMode):
+    """Attention on meta tensors as the target device's kernel runs it, so activations have that device's sizes.
+
+    On meta, ``scaled_dot_product_attention`` takes the math path, which keeps [heads, T, T] fp32 scores per
+    layer for backward. A GPU runs this model's attention (causal, no mask, GQA, bf16) with flash attention and a
+    CPU with its flash kernel (any float dtype); neither keeps scores. Their aten ops have meta kernels, and
+    autograd formulas, so forward and backward are counted as they would run there.
+    """
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        if target not in ("cuda", "cpu"):
+            raise ValueError(f"no attention kernel known for {target!r}")
+        self.target = target
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and self._takes(args, kwargs):
+            q, k, v = args
+            causal = kwargs.get("is_causal", False)
+            if self.target == "cuda":
+                return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[0]
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[0]
+        return func(*args, **kwargs)
+
+    def _takes(self, args: tuple, kwargs: dict) -> bool:
+        """q, k, v on meta, no mask or dropout; on CUDA fp16/bf16 and head dim ≤ 256 (flash attention's limits)."""
+        if len(args) != 3 or set(kwargs) - {"is_causal", "enable_gqa"} or args[0].device.type != "meta":
+            return False
+        q = args[0]
+        return self.target == "cpu" or (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
 
 
 class FakeCudaIndexing(TorchFunctionMode):

@@ -16,7 +16,7 @@ CUDA context, NCCL buffers and allocator fragmentation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 
 from moe_core.config import ModelConfig
 from moe_core.experts import ExpertBackend
-from moe_core.fake_devices import EmulatedAutocast, fake_world
+from moe_core.fake_devices import EmulatedAutocast, MetaAttentionKernel, fake_world
 from moe_core.model import CausalLM
 from moe_train.config import TrainConfig, model_config_for
 from moe_train.expert_parallel import ParallelLayout, build_process_groups, install_expert_parallel
@@ -117,16 +117,15 @@ def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headr
     world, on_gpu = cfg.workers, cfg.gpus_per_worker > 0
     notes = ["routing assumed even over the experts (the all-to-all's sizes have no data on meta)"]
     with fake_world(world):
-        model, groups = _meta_rank_model(cfg, model_cfg, world, notes)
+        model, groups = _rank_model(cfg, model_cfg, world, notes)
         stepper = build_stepper(cfg, model, groups, world)
         _allocate_optimizer_state(stepper)  # the steady state: every step after the first holds it throughout
         micro_batches = [torch.zeros(cfg.micro_batch, cfg.seq_len, dtype=torch.long) for _ in range(cfg.grad_accum)]
-        autocast = EmulatedAutocast("meta") if on_gpu else contextlib.nullcontext()
-        if on_gpu:  # activation checkpointing recomputes under the same (emulated) autocast, as torch's own would
-            model.checkpoint_contexts = lambda: (contextlib.nullcontext(), EmulatedAutocast("meta"))
+        # Activation checkpointing recomputes under the same kernels and (emulated) autocast, as torch's own would.
+        model.checkpoint_contexts = lambda: (contextlib.nullcontext(), _as_on_the_device(on_gpu))
 
         def forward_backward(tracker: MemTracker) -> None:
-            with autocast:
+            with _as_on_the_device(on_gpu):
                 # Two micro-batches show the peak of accumulation (gradients held through the next forward);
                 # more change nothing. MemTracker counts one forward per module: its module stats are reset.
                 for i, ids in enumerate(micro_batches[:2]):
@@ -159,6 +158,16 @@ def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headr
     )
 
 
+@contextlib.contextmanager
+def _as_on_the_device(on_gpu: bool) -> Iterator[None]:
+    """Meta tensors computed as the training device would: its attention kernel, and on a GPU CUDA autocast."""
+    with (
+        MetaAttentionKernel("cuda" if on_gpu else "cpu"),
+        EmulatedAutocast("meta") if on_gpu else contextlib.nullcontext(),
+    ):
+        yield
+
+
 @torch.no_grad()
 def _allocate_optimizer_state(stepper: Any) -> None:
     for p in stepper.model.parameters():
@@ -185,8 +194,10 @@ def _peak_by_kind(stepper: Any, phase: Callable[[MemTracker], Any]) -> dict[str,
     return out
 
 
-def _meta_rank_model(cfg: TrainConfig, model_cfg: ModelConfig, world: int, notes: list[str]) -> tuple[CausalLM, Any]:
-    """Rank 0's model on meta, as ``loop.build_rank_model`` builds it on a device (fp32 master weights)."""
+def _rank_model(
+    cfg: TrainConfig, model_cfg: ModelConfig, world: int, notes: list[str], device: str = "meta"
+) -> tuple[CausalLM, Any]:
+    """Rank 0's model as ``loop.build_rank_model`` builds it (fp32 master weights), on meta or for real."""
     backend = cfg.expert_backend
     if backend == ExpertBackend.MEGABLOCKS.value:
         notes.append("megablocks planned as 'grouped' (same tensors; its kernels need a real GPU)")
@@ -198,8 +209,32 @@ def _meta_rank_model(cfg: TrainConfig, model_cfg: ModelConfig, world: int, notes
         first, count = layout.first_expert(0), layout.experts_per_rank
     with torch.device("meta"):
         model = CausalLM(model_cfg, expert_backend=backend, first_expert=first, num_local_experts=count)
+    if device != "meta":
+        model.to_empty(device=device)
+        model.tie_weights()
+        model.reset_buffers()
+        model.init_weights(torch.Generator(device).manual_seed(0))
     model.train()
     if groups is not None and cfg.ep > 1:
         install_expert_parallel(model, groups)
     model.activation_checkpointing = cfg.activation_checkpointing
     return model, groups
+
+
+def run_step_for_real(cfg: TrainConfig, device: str = "cpu") -> None:
+    """The step the plan measures, on real tensors: for checking the plan against a device's own peak (a CPU
+    process's peak RSS in the tests, ``torch.cuda.max_memory_allocated`` on a GPU). One rank: a real run of a
+    larger world would need its other ranks."""
+    from moe_train.loop import accumulate_global_batch, build_stepper, rank_checkpoint_state
+
+    if cfg.workers != 1:
+        raise PlanError("run_step_for_real runs one rank: use --workers 1")
+    vocab = model_config_for(cfg).vocab_size
+    with fake_world(1):
+        model, groups = _rank_model(cfg, model_config_for(cfg), 1, [], device)
+        stepper = build_stepper(cfg, model, groups, 1)
+        _allocate_optimizer_state(stepper)
+        for _ in range(min(2, cfg.grad_accum)):
+            accumulate_global_batch(stepper, [torch.randint(0, vocab, (cfg.micro_batch, cfg.seq_len))])
+        stepper.step()
+        rank_checkpoint_state(stepper, 1, cfg.zero_stage)
