@@ -3,8 +3,10 @@
 Defaults follow the Qwen2 report's pretraining settings: AdamW β=(0.9, 0.95), ε=1e-8, cosine decay to 10 %
 of the peak learning rate, weight decay 0.1, gradient clipping 1.0; fp32 on CPU.
 
-``zero_stage`` picks the optimizer: 0 is PyTorch AdamW with our own gradient reduction (``expert_parallel``),
-kept as the reference every other path is tested against; 1 and 2 are DeepSpeed ZeRO (``moe_train.zero``).
+``sharding`` picks how parameters, gradients and optimizer state are spread over the ranks: ``none`` is PyTorch
+AdamW with our own gradient reduction (``expert_parallel``), kept as the reference every other path is tested
+against; ``zero1``/``zero2`` are DeepSpeed ZeRO (``moe_train.zero``); ``fsdp`` is PyTorch FSDP2 composed with
+expert parallelism (``moe_train.fsdp``). ``zero_stage`` is the older spelling of the first three (0, 1, 2).
 Left unset it is 1 with GPUs and 0 on CPU: ZeRO exists to shard optimizer state across accelerators, and on CPU
 DeepSpeed first JIT-compiles a C++ communication op (about 40 s, and it needs a compiler on every worker image)
 while the models that fit a CPU gain nothing from sharding.
@@ -27,6 +29,8 @@ class AuxLoss(str, Enum):
 
 
 ZERO_STAGES = (0, 1, 2)
+SHARDINGS = ("none", "zero1", "zero2", "fsdp")
+_STAGE_OF = {"none": 0, "zero1": 1, "zero2": 2, "fsdp": 0}
 
 
 def default_zero_stage(gpus_per_worker: int) -> int:
@@ -60,6 +64,7 @@ class TrainConfig:
     expert_backend: str | None = None  # eager | grouped | megablocks (default: grouped)
     activation_checkpointing: bool = False
     zero_stage: int | None = None  # 0: plain AdamW; 1/2: DeepSpeed ZeRO; None: 1 with GPUs, 0 on CPU
+    sharding: str | None = None  # none | zero1 | zero2 | fsdp; None: from zero_stage
     checkpoint_every: int = 0
     heatmap_every: int = 50  # steps between expert-load heatmap images (0: never)
     wandb_project: str | None = None
@@ -74,8 +79,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.aux_loss = AuxLoss(self.aux_loss)
+        if self.sharding is not None and self.sharding in _STAGE_OF:
+            stage = _STAGE_OF[self.sharding]
+            if self.zero_stage is not None and self.zero_stage != stage:
+                raise ValueError(f"--sharding {self.sharding} and --zero-stage {self.zero_stage} disagree: give one")
+            self.zero_stage = stage
         if self.zero_stage is None:
             self.zero_stage = default_zero_stage(self.gpus_per_worker)
+        if self.sharding is None:
+            self.sharding = SHARDINGS[self.zero_stage] if self.zero_stage in ZERO_STAGES else None
         # Workers run in Ray's own working directories: a relative path must mean what it meant to the user.
         self.model = absolute_path(self.model)
         self.out = absolute_path(self.out)
@@ -96,6 +108,7 @@ class TrainConfig:
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         need(not self.eval_every or self.eval_data is not None, "--eval-every needs --eval-data")
         need(self.zero_stage in ZERO_STAGES, f"--zero-stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
+        need(self.sharding in SHARDINGS, f"--sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding}")
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

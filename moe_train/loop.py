@@ -157,8 +157,15 @@ def maybe_fail(spec: dict[str, Any] | None, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def build_stepper(cfg: TrainConfig, model: CausalLM, groups: ProcessGroups | None, world: int) -> Stepper:
+def build_stepper(
+    cfg: TrainConfig, model: CausalLM, groups: ProcessGroups | None, world: int, meshes: Any = None
+) -> Stepper:
+    """The optimizer path ``cfg.sharding`` names; ``meshes`` (FSDP's, built already) for the memory planner."""
     loss_fn = functools.partial(micro_batch_loss, cfg=cfg)
+    if cfg.sharding == "fsdp":
+        from moe_train.fsdp import FsdpStepper
+
+        return FsdpStepper(model, groups, cfg, world, loss_fn, meshes)
     if cfg.zero_stage == 0:
         return PlainStepper(model, groups, cfg, world, loss_fn)
     from moe_train.zero import ZeroStepper  # imports DeepSpeed: only for runs that use it

@@ -16,16 +16,17 @@ CUDA context, NCCL buffers and allocator fragmentation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from moe_core.config import ModelConfig
 from moe_core.experts import ExpertBackend
-from moe_core.fake_devices import EmulatedAutocast, MetaAttentionKernel, fake_world
+from moe_core.fake_devices import EmulatedAutocast, fake_world
 from moe_core.model import CausalLM
 from moe_train.config import TrainConfig, model_config_for
 from moe_train.expert_parallel import ParallelLayout, build_process_groups, install_expert_parallel
@@ -103,39 +104,30 @@ class TrainingPlan:
 
 def plan_training(cfg: TrainConfig, gpu_memory_gib: float = 80.0, headroom: float = 0.10) -> TrainingPlan:
     """Measure rank 0's memory for ``cfg``'s layout (see the module docstring)."""
-    if cfg.zero_stage != 0:
+    if cfg.sharding not in ("none", "fsdp"):
         raise PlanError(
-            f"--zero-stage {cfg.zero_stage}: the plan runs the real step on the meta device, which DeepSpeed cannot "
-            "do; plan --zero-stage 0"
+            f"--sharding {cfg.sharding}: the plan runs the real step on fake tensors, which DeepSpeed cannot do; "
+            "plan --sharding fsdp or none"
         )
     return _plan(cfg, model_config_for(cfg), gpu_memory_gib, headroom)
 
 
 def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headroom: float) -> TrainingPlan:
-    from moe_train.loop import accumulate_global_batch, build_stepper, rank_checkpoint_state
 
     world, on_gpu = cfg.workers, cfg.gpus_per_worker > 0
-    notes = ["routing assumed even over the experts (the all-to-all's sizes have no data on meta)"]
+    notes = ["routing assumed even over the experts (the all-to-all's sizes have no data on fake tensors)"]
     with fake_world(world):
         model, groups = _rank_model(cfg, model_cfg, world, notes)
-        stepper = build_stepper(cfg, model, groups, world)
-        _allocate_optimizer_state(stepper)  # the steady state: every step after the first holds it throughout
-        micro_batches = [torch.zeros(cfg.micro_batch, cfg.seq_len, dtype=torch.long) for _ in range(cfg.grad_accum)]
-        # Activation checkpointing recomputes under the same kernels and (emulated) autocast, as torch's own would.
-        model.checkpoint_contexts = lambda: (contextlib.nullcontext(), _as_on_the_device(on_gpu))
+        meshes = None
+        if cfg.sharding == "fsdp":  # built outside FakeTensorMode: a mesh reads its ranks from a tensor
+            from moe_train.fsdp import build_meshes
 
-        def forward_backward(tracker: MemTracker) -> None:
-            with _as_on_the_device(on_gpu):
-                # Two micro-batches show the peak of accumulation (gradients held through the next forward);
-                # more change nothing. MemTracker counts one forward per module: its module stats are reset.
-                for i, ids in enumerate(micro_batches[:2]):
-                    if i:
-                        tracker.reset_mod_stats()
-                    accumulate_global_batch(stepper, [ids])
-
-        fb = _peak_by_kind(stepper, forward_backward)
-        step = _peak_by_kind(stepper, lambda _: stepper.step())
-        save = _peak_by_kind(stepper, lambda _: rank_checkpoint_state(stepper, 1, cfg.zero_stage))
+            meshes = build_meshes("cpu", world, cfg.ep if groups is not None else 1)
+        # Fake CPU tensors stand in for the GPU's: FSDP2 needs a real device type for its mesh, and on CPU torch's
+        # attention takes its flash kernel, whose memory is the GPU's flash attention's (output + log-sum-exp).
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            plan = _measure(cfg, model, groups, world, on_gpu, meshes)
+    fb, step, save = plan
     return TrainingPlan(
         world=world,
         ep=cfg.ep,
@@ -158,14 +150,37 @@ def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headr
     )
 
 
-@contextlib.contextmanager
-def _as_on_the_device(on_gpu: bool) -> Iterator[None]:
-    """Meta tensors computed as the training device would: its attention kernel, and on a GPU CUDA autocast."""
-    with (
-        MetaAttentionKernel("cuda" if on_gpu else "cpu"),
-        EmulatedAutocast("meta") if on_gpu else contextlib.nullcontext(),
-    ):
-        yield
+def _measure(
+    cfg: TrainConfig, model: CausalLM, groups: Any, world: int, on_gpu: bool, meshes: Any
+) -> tuple[dict, dict, dict]:
+    """Peaks by kind of forward + backward, the optimizer step and building the checkpoint (inside FakeTensorMode)."""
+    from moe_train.loop import accumulate_global_batch, build_stepper, rank_checkpoint_state
+
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    stepper = build_stepper(cfg, model, groups, world, meshes)  # FSDP2 shards here: only the shards stay
+    _allocate_optimizer_state(stepper)  # the steady state: every step after the first holds it throughout
+    micro_batches = [torch.zeros(cfg.micro_batch, cfg.seq_len, dtype=torch.long) for _ in range(cfg.grad_accum)]
+
+    def device_autocast() -> Any:  # a GPU step runs under CUDA autocast; emulated on the stand-in CPU tensors
+        return EmulatedAutocast("cpu") if on_gpu else contextlib.nullcontext()
+
+    # Activation checkpointing recomputes under the same autocast, as torch's own would for a real one.
+    model.checkpoint_contexts = lambda: (contextlib.nullcontext(), device_autocast())
+
+    def forward_backward(tracker: MemTracker) -> None:
+        with device_autocast():
+            # Two micro-batches show the peak of accumulation (gradients held through the next forward); more
+            # change nothing. MemTracker counts one forward per module: its module stats are reset in between.
+            for i, ids in enumerate(micro_batches[:2]):
+                if i:
+                    tracker.reset_mod_stats()
+                accumulate_global_batch(stepper, [ids])
+
+    fb = _peak_by_kind(stepper, forward_backward)
+    step = _peak_by_kind(stepper, lambda _: stepper.step())
+    save = _peak_by_kind(stepper, lambda _: rank_checkpoint_state(stepper, 1, cfg.zero_stage))
+    return fb, step, save
 
 
 @torch.no_grad()
@@ -177,16 +192,15 @@ def _allocate_optimizer_state(stepper: Any) -> None:
 
 
 def _peak_by_kind(stepper: Any, phase: Callable[[MemTracker], Any]) -> dict[str, int]:
-    """Bytes on the meta device at the peak of ``phase``, by MemTracker's kinds (PARAM, GRAD, OPT, ACT, ...)."""
+    """Bytes at the peak of ``phase``, by MemTracker's kinds (PARAM, GRAD, OPT, ACT, ...), all devices together
+    (the fake CPU tensors stand for the GPU's; the batch's ids, a few KB, are moved there anyway)."""
     tracker = MemTracker()
     tracker.track_external(stepper.model, stepper.opt)
     with tracker:
         result = phase(tracker)
     del result
     out: dict[str, int] = {}
-    for device, kinds in tracker.get_tracker_snapshot("peak").items():
-        if torch.device(device).type != "meta":
-            continue  # the host-side ids of the batch
+    for kinds in tracker.get_tracker_snapshot("peak").values():
         for kind, nbytes in kinds.items():
             name = getattr(kind, "name", str(kind))
             if name != "Total":

@@ -21,79 +21,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from train_parity import TOL, ConditioningTracker, assert_matches, max_diffs
+from train_parity import TOL, assert_matches, max_diffs, parity_config, parity_model, reference_run, train_rank
 
-from moe_core.loading import load_model, save_model
-from moe_core.model import CausalLM, next_token_loss
-from moe_core.registry import get_preset
 from moe_train.config import TrainConfig, load_train_config
-from moe_train.loop import accumulate_global_batch, build_rank_model, build_stepper, lr_at, mean_over_ranks
-from moe_train.optim import build_adamw
 
-STEPS, ROWS_PER_RANK, SEQ, LR = 3, 2, 24, 1e-3
 WRONG_GROUP = "-wrong-group"  # a case whose expert gradients DeepSpeed reduces over the whole world
-
-
-def _batches(world: int) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(5)
-    return [torch.randint(0, 1024, (world * ROWS_PER_RANK, SEQ), generator=gen) for _ in range(STEPS)]
-
-
-def _config(model_dir: Path, *, world: int, ep: int, zero_stage: int, grad_accum: int, grad_clip: float) -> dict:
-    return dict(
-        model=str(model_dir),
-        data="unused",
-        out="unused",
-        workers=world,
-        ep=ep,
-        steps=STEPS,
-        seq_len=SEQ,
-        micro_batch=ROWS_PER_RANK // grad_accum,
-        grad_accum=grad_accum,
-        lr=LR,
-        grad_clip=grad_clip,
-        aux_loss="none",  # the per-micro-batch Switch loss depends on how the batch is split; the LM loss does not
-        zero_stage=zero_stage,
-    )
-
-
-def _reference(model_dir: Path, cfg: TrainConfig, world: int) -> tuple[dict, ConditioningTracker]:
-    """One process, every expert, the whole global batch at once: torch AdamW and clip_grad_norm_."""
-    model = load_model(model_dir).train()
-    opt = build_adamw(model.parameters(), cfg)
-    tracker = ConditioningTracker(model, opt)
-    losses, norms, first_grads = [], [], {}
-    for step, batch in enumerate(_batches(world)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        opt.zero_grad()
-        loss = next_token_loss(model(batch).logits, batch)
-        loss.backward()
-        first_grads = first_grads or {n: p.grad.clone() for n, p in model.named_parameters()}
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
-        opt.step()
-        tracker.after_step()
-        losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "grads": first_grads, "state": model.state_dict()}, tracker
-
-
-def _train(rank: int, world: int, cfg: TrainConfig) -> dict:
-    """This rank's share of every global batch, through the loop's stepper, as ``_train_steps`` runs it."""
-    model, groups = build_rank_model(cfg, rank, world)
-    stepper = build_stepper(cfg, model, groups, world)
-    losses, norms, first_grads = [], [], {}
-    for step, batch in enumerate(_batches(world)):
-        stepper.set_lr(lr_at(step, cfg))
-        mine = batch[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
-        parts, _ = accumulate_global_batch(stepper, list(mine.split(cfg.micro_batch)))
-        if not first_grads and hasattr(stepper, "reduced_grads"):
-            first_grads = stepper.reduced_grads()
-        norms.append(stepper.step())
-        losses.append(mean_over_ranks(parts, world)["lm_loss"])
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    first = groups.layout.first_expert(rank)
-    return {"losses": losses, "norms": norms, "grads": first_grads, "state": state, "first": first}
 
 
 def _mark_experts_with_world_group() -> None:
@@ -122,21 +54,14 @@ def _worker(rank: int, world: int, configs: dict[str, dict], out_dir: str) -> No
     for case, config in configs.items():
         if case.endswith(WRONG_GROUP):
             _mark_experts_with_world_group()
-        torch.save(_train(rank, world, TrainConfig(**config)), f"{out_dir}/{case}-rank{rank}.pt")
+        torch.save(train_rank(rank, world, TrainConfig(**config)), f"{out_dir}/{case}-rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    model = CausalLM(get_preset("debug-moe"))
-    model.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():  # decisive routers, as in test_expert_parallel
-        for moe in model.moe_layers():
-            moe.gate.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
-    out = tmp_path_factory.mktemp("zero") / "model"
-    save_model(model, out)
-    return out
+    return parity_model(tmp_path_factory.mktemp("zero") / "model")
 
 
 CASES = {
@@ -153,7 +78,9 @@ CASES = {
 
 def _case_config(model_dir: Path, case: str) -> dict:
     world, ep, zero_stage, grad_accum, grad_clip = CASES[case]
-    return _config(model_dir, world=world, ep=ep, zero_stage=zero_stage, grad_accum=grad_accum, grad_clip=grad_clip)
+    return parity_config(
+        model_dir, world=world, ep=ep, zero_stage=zero_stage, grad_accum=grad_accum, grad_clip=grad_clip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +99,7 @@ def runs(tmp_path_factory, model_dir: Path) -> dict[int, Path]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_zero_matches_single_process(case: str, runs: dict[int, Path], model_dir: Path) -> None:
     world, ep, zero_stage, _, grad_clip = CASES[case]
-    ref, tracker = _reference(model_dir, TrainConfig(**_case_config(model_dir, case)), world)
+    ref, tracker = reference_run(model_dir, TrainConfig(**_case_config(model_dir, case)), world)
     if grad_clip:
         assert min(ref["norms"]) > grad_clip, "the case should clip"
     for rank in range(world):

@@ -18,12 +18,19 @@ the well-conditioned weights both catch (the tests prove it with a deliberately 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
+from moe_core.loading import load_model, save_model
+from moe_core.model import CausalLM, next_token_loss
+from moe_core.registry import get_preset
+from moe_train.config import TrainConfig
 from moe_train.expert_parallel import is_expert_param
-from moe_train.optim import ADAM_BETAS
+from moe_train.loop import accumulate_global_batch, build_rank_model, build_stepper, lr_at, mean_over_ranks
+from moe_train.optim import ADAM_BETAS, build_adamw
 
+STEPS, ROWS_PER_RANK, SEQ, LR = 3, 2, 24, 1e-3
 TOL = 1e-5
 CONDITION = 1e-3  # an element is ill-conditioned where √v̂ < CONDITION · RMS(√v̂) of its tensor
 MAX_ILL_FRACTION = 0.01
@@ -116,3 +123,90 @@ def assert_matches(diffs: dict[str, float], context: str) -> None:
     assert all(v <= TOL for v in tight.values()), f"{context}: {diffs}"
     assert diffs["ill_drift"] <= 1.0, f"{context}: an ill-conditioned weight moved beyond Adam's bound: {diffs}"
     assert diffs["ill_fraction"] <= MAX_ILL_FRACTION, f"{context}: too many ill-conditioned elements: {diffs}"
+
+
+def batches(world: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 1024, (world * ROWS_PER_RANK, SEQ), generator=gen) for _ in range(STEPS)]
+
+
+def parity_config(
+    model_dir: Path,
+    *,
+    world: int,
+    ep: int,
+    zero_stage: int,
+    grad_accum: int,
+    grad_clip: float,
+    sharding: str | None = None,
+) -> dict:
+    return dict(
+        model=str(model_dir),
+        data="unused",
+        out="unused",
+        workers=world,
+        ep=ep,
+        steps=STEPS,
+        seq_len=SEQ,
+        micro_batch=ROWS_PER_RANK // grad_accum,
+        grad_accum=grad_accum,
+        lr=LR,
+        grad_clip=grad_clip,
+        aux_loss="none",  # the per-micro-batch Switch loss depends on how the batch is split; the LM loss does not
+        zero_stage=zero_stage,
+        sharding=sharding,
+    )
+
+
+def reference_run(model_dir: Path, cfg: TrainConfig, world: int) -> tuple[dict, ConditioningTracker]:
+    """One process, every expert, the whole global batch at once: torch AdamW and clip_grad_norm_."""
+    model = load_model(model_dir).train()
+    opt = build_adamw(model.parameters(), cfg)
+    tracker = ConditioningTracker(model, opt)
+    losses, norms, first_grads = [], [], {}
+    for step, batch in enumerate(batches(world)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad()
+        loss = next_token_loss(model(batch).logits, batch)
+        loss.backward()
+        first_grads = first_grads or {n: p.grad.clone() for n, p in model.named_parameters()}
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+        tracker.after_step()
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms, "grads": first_grads, "state": model.state_dict()}, tracker
+
+
+def parity_model(out: Path) -> Path:
+    """The debug MoE every parity test trains, with decisive routers (as in test_expert_parallel)."""
+    model = CausalLM(get_preset("debug-moe"))
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_model(model, out)
+    return out
+
+
+def train_rank(rank: int, world: int, cfg: TrainConfig) -> dict:
+    """This rank's share of every global batch, through the loop's stepper, as ``_train_steps`` runs it: losses,
+    norms, the first step's reduced gradients and the final weights (this rank's experts, whole)."""
+    model, groups = build_rank_model(cfg, rank, world)
+    stepper = build_stepper(cfg, model, groups, world)
+    losses, norms, first_grads = [], [], {}
+    for step, batch in enumerate(batches(world)):
+        stepper.set_lr(lr_at(step, cfg))
+        mine = batch[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
+        parts, _ = accumulate_global_batch(stepper, list(mine.split(cfg.micro_batch)))
+        if not first_grads and hasattr(stepper, "reduced_grads"):
+            first_grads = stepper.reduced_grads()
+        norms.append(stepper.step())
+        losses.append(mean_over_ranks(parts, world)["lm_loss"])
+    if hasattr(stepper, "full_rank_state"):
+        state = stepper.full_rank_state()
+    else:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    first = groups.layout.first_expert(rank)
+    return {"losses": losses, "norms": norms, "grads": first_grads, "state": state, "first": first}
