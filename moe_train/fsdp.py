@@ -24,14 +24,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    _init_optim_state,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from moe_core.host_reads import floats
 from moe_core.model import CausalLM
 from moe_train.config import TrainConfig
-from moe_train.expert_parallel import ProcessGroups
+from moe_train.expert_parallel import ProcessGroups, is_expert_param
 from moe_train.optim import LossFn, LossOutput, build_adamw
 
 
@@ -158,6 +165,44 @@ class FsdpStepper:
     def load(self, model_state: dict[str, Any], optimizer_state: Any) -> None:
         self.model.load_state_dict(model_state)
         self.opt.load_state_dict(optimizer_state)
+
+    def sharded_state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(what a sharded checkpoint stores, the model's and the optimizer's own state dicts).
+
+        The stored view shares memory with the other two, so loading into it in place loads the run. Expert
+        tensors appear there as slices of one global tensor over every expert (``global_experts``): the same
+        checkpoint then loads into any layout, whatever EP and expert-DP sizes it has.
+        """
+        _init_optim_state(self.opt)  # AdamW creates its state lazily: a resumed run has none yet
+        model_sd = get_model_state_dict(self.model)
+        optim_sd = get_optimizer_state_dict(self.model, self.opt)
+        view = {
+            "model": {k: self.global_experts(k, v) for k, v in model_sd.items()},
+            "optim": {
+                "state": {
+                    fqn: {k: self.global_experts(fqn, v) for k, v in per_param.items()}
+                    for fqn, per_param in optim_sd["state"].items()
+                },
+                "param_groups": optim_sd["param_groups"],
+            },
+        }
+        return view, model_sd, optim_sd
+
+    def load_sharded_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, model_sd)
+        set_optimizer_state_dict(self.model, self.opt, optim_sd)
+
+    def global_experts(self, fqn: str, value: Any) -> Any:
+        """An expert tensor (this rank's shard of its EP rank's experts) as its slice of the global [E, ...] tensor:
+        split over "ep" first (contiguous expert blocks), then over "edp" (FSDP2's shards), as DTensor places
+        Shard(0), Shard(0) on the ("ep", "edp") mesh. Anything else unchanged."""
+        if not (isinstance(value, DTensor) and is_expert_param(fqn) and value.ndim == 3):
+            return value
+        shape = (self.model.config.num_experts, *value.shape[1:])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(
+            value.to_local(), self.meshes.experts, [Shard(0), Shard(0)], run_check=False, shape=shape, stride=stride
+        )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

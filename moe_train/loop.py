@@ -34,6 +34,7 @@ from moe_core.losses import (
 )
 from moe_core.model import CausalLM, next_token_loss
 from moe_core.moe import Routing
+from moe_train import sharded_checkpoint
 from moe_train.config import AuxLoss, TrainConfig, model_config_for
 from moe_train.expert_parallel import ParallelLayout, ProcessGroups, build_process_groups, install_expert_parallel
 from moe_train.optim import LossOutput, PlainStepper, Stepper
@@ -174,7 +175,10 @@ def build_stepper(
 
 
 def rank_checkpoint_state(stepper: Stepper, step: int, zero_stage: int) -> dict[str, Any]:
-    """What one rank's checkpoint holds (the memory planner measures building it too)."""
+    """What one rank's checkpoint holds (the memory planner measures building it too): the sharded view for
+    FSDP runs (``sharded_checkpoint``), this rank's whole state otherwise."""
+    if hasattr(stepper, "sharded_state"):
+        return stepper.sharded_state()[0]
     return {
         "model": stepper.model_state(),
         "optimizer": stepper.optimizer_state(),
@@ -187,12 +191,21 @@ def rank_checkpoint_state(stepper: Stepper, step: int, zero_stage: int) -> dict[
 
 
 def save_rank_checkpoint(directory: Path, rank: int, stepper: Stepper, step: int, zero_stage: int) -> None:
-    torch.save(rank_checkpoint_state(stepper, step, zero_stage), directory / RANK_FILE.format(rank=rank))
+    if hasattr(stepper, "sharded_state"):
+        sharded_checkpoint.save(directory, stepper, step)
+    else:
+        torch.save(rank_checkpoint_state(stepper, step, zero_stage), directory / RANK_FILE.format(rank=rank))
     if rank == 0:
         (directory / META_FILE).write_text(json.dumps({"step": step}))
 
 
 def load_rank_checkpoint(directory: Path, rank: int, stepper: Stepper, zero_stage: int) -> int:
+    sharded = sharded_checkpoint.is_sharded_checkpoint(directory)
+    if sharded != hasattr(stepper, "sharded_state"):
+        wrote, resume = ("--sharding fsdp", "other") if sharded else ("rank files", "--sharding fsdp")
+        raise ValueError(f"the checkpoint was written by a {wrote} run; resume it with the same sharding, not {resume}")
+    if sharded:
+        return sharded_checkpoint.load(directory, stepper)
     state = torch.load(directory / RANK_FILE.format(rank=rank), weights_only=False)
     saved_stage = state.get("zero_stage", 0)
     if saved_stage != zero_stage:
