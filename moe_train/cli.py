@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from moe_train.config import ZERO_STAGES, AuxLoss, load_train_config
+from moe_train.config import SHARDINGS, ZERO_STAGES, AuxLoss, load_train_config
 
 
 def configure(name: str, p: argparse.ArgumentParser) -> None:
@@ -60,15 +60,26 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--z-loss-coef", type=float, help="router z-loss coefficient (default 0)")
     p.add_argument("--aux-free-bias-rate", type=float, help="auxiliary-loss-free balancing step γ (default 0: off)")
     p.add_argument("--expert-backend", choices=["eager", "grouped", "megablocks"], help="expert kernels")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute layers in backward")
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute each decoder layer in backward instead of keeping its activations (default: on with "
+        "--gpus-per-worker 1, off on CPU)",
+    )
+    p.add_argument(
+        "--sharding",
+        choices=list(SHARDINGS),
+        help="how parameters, gradients and optimizer state are spread: fsdp = PyTorch FSDP2 (non-expert weights "
+        "over all ranks, each rank's experts over the ranks holding the same experts; bf16 compute, fp32 master "
+        "and AdamW state; sharded checkpoints that resume in any layout); zero1/zero2 = DeepSpeed ZeRO; none = "
+        "plain PyTorch AdamW, the reference. Default: fsdp with --gpus-per-worker 1, none on CPU",
+    )
     p.add_argument(
         "--zero-stage",
         type=int,
         choices=list(ZERO_STAGES),
-        help="optimizer: 0 plain PyTorch AdamW (the reference); 1 or 2 DeepSpeed ZeRO, optimizer state (and with 2 "
-        "gradients) sharded, expert state over the ranks holding the same experts. Default: 1 with "
-        "--gpus-per-worker 1, 0 on CPU (DeepSpeed JIT-compiles a C++ op on first use there and CPU-sized "
-        "models gain nothing from sharding)",
+        help="the older spelling of --sharding none (0), zero1 (1) or zero2 (2)",
     )
     p.add_argument(
         "--checkpoint-every",

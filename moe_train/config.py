@@ -7,9 +7,10 @@ of the peak learning rate, weight decay 0.1, gradient clipping 1.0; fp32 on CPU.
 AdamW with our own gradient reduction (``expert_parallel``), kept as the reference every other path is tested
 against; ``zero1``/``zero2`` are DeepSpeed ZeRO (``moe_train.zero``); ``fsdp`` is PyTorch FSDP2 composed with
 expert parallelism (``moe_train.fsdp``). ``zero_stage`` is the older spelling of the first three (0, 1, 2).
-Left unset it is 1 with GPUs and 0 on CPU: ZeRO exists to shard optimizer state across accelerators, and on CPU
-DeepSpeed first JIT-compiles a C++ communication op (about 40 s, and it needs a compiler on every worker image)
-while the models that fit a CPU gain nothing from sharding.
+Left unset it is ``fsdp`` with GPUs and ``none`` on CPU: sharding exists to spread state across accelerators
+(``upmoe train --plan`` shows FSDP2 is what fits Qwen2-57B-A14B on 16 × 80 GB), and the models that fit a CPU gain
+nothing from it (DeepSpeed would also first JIT-compile a C++ op there, about 40 s). Activation checkpointing is
+likewise on by default with GPUs only.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ SHARDINGS = ("none", "zero1", "zero2", "fsdp")
 _STAGE_OF = {"none": 0, "zero1": 1, "zero2": 2, "fsdp": 0}
 
 
-def default_zero_stage(gpus_per_worker: int) -> int:
-    """ZeRO-1 on GPUs (what a cluster run wants); the plain optimizer on CPU (see the module docstring)."""
-    return 1 if gpus_per_worker > 0 else 0
+def default_sharding(gpus_per_worker: int) -> str:
+    """FSDP2 on GPUs (the layout that fits the flagship, ``upmoe train --plan``); the plain optimizer on CPU (see
+    the module docstring)."""
+    return "fsdp" if gpus_per_worker > 0 else "none"
 
 
 @dataclass(kw_only=True)
@@ -62,7 +64,7 @@ class TrainConfig:
     z_loss_coef: float = 0.0
     aux_free_bias_rate: float = 0.0  # DeepSeek-V3's auxiliary-loss-free balancing: bias step γ per optimizer step
     expert_backend: str | None = None  # eager | grouped | megablocks (default: grouped)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | None = None  # None: on with GPUs (activations dominate there), off on CPU
     zero_stage: int | None = None  # 0: plain AdamW; 1/2: DeepSpeed ZeRO; None: 1 with GPUs, 0 on CPU
     sharding: str | None = None  # none | zero1 | zero2 | fsdp; None: from zero_stage
     checkpoint_every: int = 0
@@ -79,15 +81,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.aux_loss = AuxLoss(self.aux_loss)
+        if self.sharding is None and self.zero_stage is None:
+            self.sharding = default_sharding(self.gpus_per_worker)
         if self.sharding is not None and self.sharding in _STAGE_OF:
             stage = _STAGE_OF[self.sharding]
             if self.zero_stage is not None and self.zero_stage != stage:
                 raise ValueError(f"--sharding {self.sharding} and --zero-stage {self.zero_stage} disagree: give one")
             self.zero_stage = stage
-        if self.zero_stage is None:
-            self.zero_stage = default_zero_stage(self.gpus_per_worker)
         if self.sharding is None:
             self.sharding = SHARDINGS[self.zero_stage] if self.zero_stage in ZERO_STAGES else None
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gpus_per_worker > 0
         # Workers run in Ray's own working directories: a relative path must mean what it meant to the user.
         self.model = absolute_path(self.model)
         self.out = absolute_path(self.out)
@@ -107,8 +111,10 @@ class TrainConfig:
         need(self.warmup >= 0 and self.checkpoint_every >= 0, "--warmup and --checkpoint-every must be >= 0")
         need(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         need(not self.eval_every or self.eval_data is not None, "--eval-every needs --eval-data")
-        need(self.zero_stage in ZERO_STAGES, f"--zero-stage must be one of {ZERO_STAGES}, got {self.zero_stage}")
+        zero_msg = f"--zero-stage must be one of {ZERO_STAGES}, got {self.zero_stage}"
+        need(self.sharding is not None or self.zero_stage in ZERO_STAGES, zero_msg)  # None: from a bad zero_stage
         need(self.sharding in SHARDINGS, f"--sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding}")
+        need(self.zero_stage in ZERO_STAGES, zero_msg)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

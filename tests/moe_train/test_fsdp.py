@@ -86,9 +86,10 @@ def test_fsdp_matches_single_process(case: str, runs: dict[int, Path], model_dir
 def test_sharding_option() -> None:
     base = {"model": "m", "data": "d", "out": "o"}
     assert load_train_config(None, base).sharding == "none"
-    assert load_train_config(None, {**base, "gpus_per_worker": 1}).sharding == "zero1"
-    fsdp = load_train_config(None, {**base, "gpus_per_worker": 1, "sharding": "fsdp"})
-    assert (fsdp.sharding, fsdp.zero_stage) == ("fsdp", 0)
+    gpu = load_train_config(None, {**base, "gpus_per_worker": 1})
+    assert (gpu.sharding, gpu.zero_stage, gpu.activation_checkpointing) == ("fsdp", 0, True)
+    assert load_train_config(None, {**base, "gpus_per_worker": 1, "activation_checkpointing": False}).sharding == "fsdp"
+    assert load_train_config(None, base).activation_checkpointing is False
     assert load_train_config(None, {**base, "sharding": "zero2"}).zero_stage == 2
     with pytest.raises(ValueError, match="disagree"):
         load_train_config(None, {**base, "sharding": "fsdp", "zero_stage": 1})

@@ -121,12 +121,13 @@ def test_bad_input_is_refused_before_workers_start(moe_dir: Path, tmp_path: Path
     assert "config.json" in capsys.readouterr().err
 
 
-# (zero_stage, steps, 0-based step at which rank 1 dies): the checkpoint every 2 steps is written just before.
-@pytest.mark.parametrize("zero_stage, steps_total, fail_step", [(0, 6, 4), (1, 4, 2)])
+# (sharding, steps, 0-based step at which rank 1 dies): the checkpoint every 2 steps is written just before.
+@pytest.mark.parametrize("sharding, steps_total, fail_step", [("none", 6, 4), ("zero1", 4, 2), ("fsdp", 4, 2)])
 def test_killed_worker_recovers_to_the_same_weights(
-    ray_local, moe_dir: Path, tmp_path: Path, zero_stage: int, steps_total: int, fail_step: int
+    ray_local, moe_dir: Path, tmp_path: Path, sharding: str, steps_total: int, fail_step: int
 ) -> None:
-    """Plain AdamW, and `upmoe train --zero-stage 1` (DeepSpeed ZeRO-1, EP=2), both resume bit for bit and export."""
+    """Plain AdamW, DeepSpeed ZeRO-1 and FSDP2 (sharded DCP checkpoints), EP=2: each resumes bit for bit, and
+    exports."""
     from moe_core.checkpoint_io import TensorReader
     from moe_train.config import load_train_config
     from moe_train.export import export_run
@@ -145,7 +146,7 @@ def test_killed_worker_recovers_to_the_same_weights(
             "lr": 3e-3,
             "checkpoint_every": 2,
             "max_failures": 1,
-            "zero_stage": zero_stage,
+            "sharding": sharding,
         }
 
     clean = tmp_path / "clean"
@@ -160,7 +161,7 @@ def test_killed_worker_recovers_to_the_same_weights(
     assert marker.exists()  # the worker really died at 0-based step fail_step, after the checkpoint before it
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, steps_total + 1))
-    assert json.loads((killed / "train_config.json").read_text())["zero_stage"] == zero_stage
+    assert json.loads((killed / "train_config.json").read_text())["sharding"] == sharding
     with TensorReader(clean / "exported") as a, TensorReader(recovered) as b:
         assert a.keys() == b.keys()
         for key in a.keys():

@@ -113,12 +113,14 @@ def test_zero_matches_single_process(case: str, runs: dict[int, Path], model_dir
 
 
 def test_zero_stage_option(tmp_path: Path) -> None:
-    """Default 0 on CPU and 1 with GPUs; settable from YAML and the command line; anything else refused."""
+    """Default 0 on CPU (and on GPUs, where the default sharding is FSDP2); settable from YAML and the command line;
+    anything else refused."""
     from upmoe.cli import build_parser
 
     base = {"model": "m", "data": "d", "out": "o"}
     assert load_train_config(None, base).zero_stage == 0
-    assert load_train_config(None, {**base, "gpus_per_worker": 1}).zero_stage == 1
+    assert load_train_config(None, {**base, "gpus_per_worker": 1}).zero_stage == 0
+    assert load_train_config(None, {**base, "gpus_per_worker": 1, "zero_stage": 1}).sharding == "zero1"
     yaml_path = tmp_path / "train.yaml"
     yaml_path.write_text("zero-stage: 2\n")
     assert load_train_config(yaml_path, base).zero_stage == 2
