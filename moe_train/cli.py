@@ -106,13 +106,21 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     plan.add_argument(
         "--model-config", type=Path, help="with --plan: an HF config.json (or its directory) instead of --model"
     )
-    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    plan.add_argument(
+        "--gpu-memory-gib", type=float, help="memory of one GPU, for --plan and the check of GPU runs (default 80)"
+    )
+    plan.add_argument(
+        "--plan-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="before a GPU run starts, plan its memory and refuse a layout that does not fit (default: on)",
+    )
     plan.add_argument(
         "--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (CUDA context, NCCL, fragments)"
     )
 
 
-PLAN_ONLY = ("plan", "model_config", "gpu_memory_gib", "headroom")
+PLAN_ONLY = ("plan", "model_config", "headroom")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -149,7 +157,7 @@ def run_plan(args: argparse.Namespace) -> int:
     options = {"data": "embedded", "out": "plan", **{k: v for k, v in options.items() if v is not None}}
     cfg = load_train_config(args.config, options, preset=args.preset)
     try:
-        plan = plan_training(cfg, gpu_memory_gib=args.gpu_memory_gib, headroom=args.headroom)
+        plan = plan_training(cfg, gpu_memory_gib=cfg.gpu_memory_gib, headroom=args.headroom)
     except PlanError as e:
         raise SystemExit(f"upmoe train --plan: {e}") from None
     print(plan.table())

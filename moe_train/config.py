@@ -67,6 +67,8 @@ class TrainConfig:
     activation_checkpointing: bool | None = None  # None: on with GPUs (activations dominate there), off on CPU
     zero_stage: int | None = None  # 0: plain AdamW; 1/2: DeepSpeed ZeRO; None: 1 with GPUs, 0 on CPU
     sharding: str | None = None  # none | zero1 | zero2 | fsdp; None: from zero_stage
+    gpu_memory_gib: float = 80.0  # per GPU: what the memory plan checks a GPU run against
+    plan_check: bool = True  # GPU runs: refuse a layout whose memory plan does not fit (``moe_train.plan``)
     checkpoint_every: int = 0
     heatmap_every: int = 50  # steps between expert-load heatmap images (0: never)
     wandb_project: str | None = None

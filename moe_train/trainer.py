@@ -8,6 +8,7 @@ the latest checkpoint. SIGTERM / Ctrl-C stops after the current step, checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,36 @@ def validate_before_start(cfg: TrainConfig) -> None:
         raise ValueError(f"--ep {cfg.ep} needs a MoE model; {model_dir} is dense")
 
 
+def check_memory_plan(cfg: TrainConfig) -> None:
+    """GPU runs: plan rank 0's memory (``moe_train.plan``) and refuse a layout that would not fit, naming one that
+    does where the plan finds it (activation checkpointing, then FSDP2 with it)."""
+    from moe_train.plan import plan_training
+
+    if cfg.gpus_per_worker == 0 or not cfg.plan_check:
+        return
+    if cfg.sharding not in ("none", "fsdp"):
+        print(f"memory plan: not run for --sharding {cfg.sharding} (DeepSpeed cannot run on fake tensors)")
+        return
+    plan = plan_training(cfg, gpu_memory_gib=cfg.gpu_memory_gib)
+    if plan.fits:
+        print(f"memory plan: {plan.peak_gib_per_rank:.1f} GiB per rank of {cfg.gpu_memory_gib:g} GiB (fits)")
+        return
+    message = f"this layout does not fit {cfg.gpu_memory_gib:g} GiB GPUs:\n{plan.table()}"
+    for change in ({"activation_checkpointing": True}, {"sharding": "fsdp", "activation_checkpointing": True}):
+        if all(getattr(cfg, k) == v for k, v in change.items()):
+            continue
+        other = plan_training(dataclasses.replace(cfg, zero_stage=None, **change), gpu_memory_gib=cfg.gpu_memory_gib)
+        if other.fits:
+            flags = " ".join(_flag(k, v) for k, v in change.items())
+            raise ValueError(f"{message}\nwith {flags} it would: {other.peak_gib_per_rank:.1f} GiB per rank")
+    raise ValueError(f"{message}\nadd workers (more expert-parallel or data-parallel ranks) or shorten --seq-len")
+
+
+def _flag(key: str, value: object) -> str:
+    name = "--" + key.replace("_", "-")
+    return name if value is True else f"{name} {value}"
+
+
 def prepare_blocks(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """Tokenise and pack on the driver; the training blocks' path and the eval blocks' (None without eval data)."""
     from moe_train.data import build_blocks
@@ -62,6 +93,7 @@ def run_training(cfg: TrainConfig, *, inject_failure: dict[str, Any] | None = No
     from moe_train.stopping import start_stop_flag, stop_on_signal
 
     validate_before_start(cfg)
+    check_memory_plan(cfg)
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)

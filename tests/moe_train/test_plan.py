@@ -111,3 +111,15 @@ def test_plan_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     config = _model_config(tmp_path) / "config.json"
     out = _plan_cli("--model-config", config, "--gpus-per-worker", "1", "--zero-stage", "1")
     assert out.returncode != 0 and "DeepSpeed cannot" in out.stderr
+
+
+def test_gpu_runs_are_refused_when_the_plan_does_not_fit(tmp_path: Path, capsys) -> None:
+    from moe_train.config import TrainConfig
+    from moe_train.trainer import check_memory_plan
+
+    layout = dict(model=str(_model_config(tmp_path)), data="embedded", out="o", workers=4, ep=2, gpus_per_worker=1)
+    check_memory_plan(TrainConfig(**layout, seq_len=128))
+    assert "GiB per rank of 80 GiB (fits)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="does not fit 0.0001 GiB GPUs(.|\n)*add workers"):
+        check_memory_plan(TrainConfig(**layout, seq_len=128, gpu_memory_gib=1e-4))
+    check_memory_plan(TrainConfig(**layout, seq_len=128, gpu_memory_gib=1e-4, plan_check=False))  # asked not to
