@@ -45,7 +45,7 @@ class TrainingPlan:
     ep: int
     seq_len: int
     micro_batch: int
-    zero_stage: int
+    sharding: str
     activation_checkpointing: bool
     gpu_memory_gib: float
     headroom: float
@@ -88,7 +88,7 @@ class TrainingPlan:
             ("peak per rank", self.peak_gib_per_rank),
         ]
         head = (
-            f"rank 0 of {self.world} (EP {self.ep}, ZeRO stage {self.zero_stage}, seq {self.seq_len} × micro-batch "
+            f"rank 0 of {self.world} (EP {self.ep}, sharding {self.sharding}, seq {self.seq_len} × micro-batch "
             f"{self.micro_batch}, activation checkpointing {'on' if self.activation_checkpointing else 'off'}): "
             f"{self.rank_params / 1e9:.2f} B parameters on this rank"
         )
@@ -133,7 +133,7 @@ def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headr
         ep=cfg.ep,
         seq_len=cfg.seq_len,
         micro_batch=cfg.micro_batch,
-        zero_stage=cfg.zero_stage,
+        sharding=cfg.sharding,
         activation_checkpointing=cfg.activation_checkpointing,
         gpu_memory_gib=gpu_memory_gib,
         headroom=headroom,

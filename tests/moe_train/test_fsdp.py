@@ -9,14 +9,21 @@ check must reject it, since Adam's update barely sees the scale.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from train_parity import TOL, assert_matches, max_diffs, parity_config, parity_model, reference_run, train_rank
+from train_parity import (
+    TOL,
+    assert_matches,
+    max_diffs,
+    parity_config,
+    parity_model,
+    reference_run,
+    spawn_cases,
+    train_rank,
+)
 
 from moe_train.config import TrainConfig, load_train_config
 
@@ -58,13 +65,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_dir: Path) -> dict[int, Path]:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    out = {}
-    for world in sorted({c[0] for c in CASES.values()}):
-        configs = {case: _case_config(model_dir, case) for case, c in CASES.items() if c[0] == world}
-        out[world] = tmp_path_factory.mktemp(f"fsdp-world{world}")
-        mp.spawn(_worker, args=(world, configs, str(out[world])), nprocs=world, join=True)
-    return out
+    configs = {case: (c[0], _case_config(model_dir, case)) for case, c in CASES.items()}
+    return spawn_cases(tmp_path_factory, configs, _worker, "fsdp")
 
 
 @pytest.mark.parametrize("case", list(CASES))

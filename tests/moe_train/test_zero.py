@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from train_parity import TOL, assert_matches, max_diffs, parity_config, parity_model, reference_run, train_rank
+from train_parity import (
+    TOL,
+    assert_matches,
+    max_diffs,
+    parity_config,
+    parity_model,
+    reference_run,
+    spawn_cases,
+    train_rank,
+)
 
 from moe_train.config import TrainConfig, load_train_config
 
@@ -85,14 +93,8 @@ def _case_config(model_dir: Path, case: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, model_dir: Path) -> dict[int, Path]:
-    """World size -> directory holding ``{case}-rank{r}.pt`` for every case of that size."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    out = {}
-    for world in sorted({c[0] for c in CASES.values()}):
-        configs = {case: _case_config(model_dir, case) for case, c in CASES.items() if c[0] == world}
-        out[world] = tmp_path_factory.mktemp(f"world{world}")
-        mp.spawn(_worker, args=(world, configs, str(out[world])), nprocs=world, join=True)
-    return out
+    configs = {case: (c[0], _case_config(model_dir, case)) for case, c in CASES.items()}
+    return spawn_cases(tmp_path_factory, configs, _worker, "zero")
 
 
 @pytest.mark.slow

@@ -18,9 +18,12 @@ the well-conditioned weights both catch (the tests prove it with a deliberately 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.multiprocessing as mp
 
 from moe_core.loading import load_model, save_model
 from moe_core.model import CausalLM, next_token_loss
@@ -210,3 +213,15 @@ def train_rank(rank: int, world: int, cfg: TrainConfig) -> dict:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     first = groups.layout.first_expert(rank)
     return {"losses": losses, "norms": norms, "grads": first_grads, "state": state, "first": first}
+
+
+def spawn_cases(tmp_path_factory, configs: dict[str, tuple[int, dict]], worker: Callable, prefix: str) -> dict:
+    """Run every case (name -> (world, config)) with ``worker(rank, world, {case: config}, out_dir)``, one spawn
+    per world size; returns world -> the directory its ranks wrote ``{case}-rank{r}.pt`` into."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    out = {}
+    for world in sorted({w for w, _ in configs.values()}):
+        mine = {case: config for case, (w, config) in configs.items() if w == world}
+        out[world] = tmp_path_factory.mktemp(f"{prefix}-world{world}")
+        mp.spawn(worker, args=(world, mine, str(out[world])), nprocs=world, join=True)
+    return out
