@@ -99,7 +99,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     plan = p.add_argument_group(
         "memory plan",
-        "--plan trains nothing: it runs one real training step of rank 0 of this layout on the meta device with a "
+        "--plan trains nothing: it runs one real training step of rank 0 of this layout on fake tensors with a "
         "fake process group and prints the GPU memory it needs per rank, by kind, with a verdict",
     )
     plan.add_argument("--plan", action="store_true", help="print the per-rank memory plan of this layout and exit")

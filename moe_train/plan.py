@@ -1,16 +1,18 @@
 """``upmoe train --plan``: per-rank GPU memory of a training layout, measured by running the real step.
 
-The estimate is not a formula. It builds rank 0's part of the real model on the meta device (shapes, no
-data), joins a fake process group of the layout's world size (``moe_core.fake_devices``), installs the real
-expert-parallel dispatcher and optimizer, and runs one real training step: forward, loss, backward, gradient
-reduction and clipping, optimizer step, then builds the checkpoint state the loop would save. torch's
-``MemTracker`` counts every tensor that step allocates, by kind, at the step's peak: the approach of
-torchtitan's memory estimator. On a GPU plan CUDA autocast is emulated on meta tensors, so activations have
-the sizes they have on a GPU.
+The estimate is not a formula. It builds rank 0's part of the real model on fake tensors (shapes, no data,
+no memory: ``FakeTensorMode``), joins a fake process group of the layout's world size
+(``moe_core.fake_devices``), installs the real expert-parallel dispatcher, sharding (FSDP2 included) and
+optimizer, and runs one real training step: forward, loss, backward, gradient reduction and clipping,
+optimizer step, then builds the checkpoint state the loop would save. torch's ``MemTracker`` counts every
+tensor each phase allocates, by kind, at its peak: the approach of torchtitan's memory estimator. Fake CPU
+tensors stand in for the GPU's (FSDP2 needs a mesh device type this build has; torch's CPU attention takes a
+flash kernel, which keeps what GPU flash attention keeps), and on a GPU plan CUDA autocast is emulated, so
+activations have the sizes they have on a GPU.
 
 What the plan assumes: routing spread evenly over the experts (the all-to-all's split sizes have no data on
-meta, ``moe_core.host_reads``), and a 10 % headroom (``--headroom``) for what the tracker cannot see: the
-CUDA context, NCCL buffers and allocator fragmentation.
+fake tensors, ``moe_core.host_reads``), and a 10 % headroom (``--headroom``) for what the tracker cannot see:
+the CUDA context, NCCL buffers and allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -211,7 +213,8 @@ def _peak_by_kind(stepper: Any, phase: Callable[[MemTracker], Any]) -> dict[str,
 def _rank_model(
     cfg: TrainConfig, model_cfg: ModelConfig, world: int, notes: list[str], device: str = "meta"
 ) -> tuple[CausalLM, Any]:
-    """Rank 0's model as ``loop.build_rank_model`` builds it (fp32 master weights), on meta or for real."""
+    """Rank 0's model as ``loop.build_rank_model`` builds it (fp32 master weights): on meta, for the plan to
+    materialise as fake tensors, or for real on ``device``."""
     backend = cfg.expert_backend
     if backend == ExpertBackend.MEGABLOCKS.value:
         notes.append("megablocks planned as 'grouped' (same tensors; its kernels need a real GPU)")
