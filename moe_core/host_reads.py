@@ -37,5 +37,6 @@ def any_true(t: torch.Tensor) -> bool:
 
 
 def floats(t: torch.Tensor) -> list[float]:
-    """A 1-d tensor of logged numbers as floats (one read for all of them); without data, NaNs."""
-    return [float("nan")] * t.numel() if has_no_data(t) else t.double().tolist()
+    """Logged numbers (a tensor of any shape, 0-d included) as a flat list of floats, in one read; without
+    data, NaNs."""
+    return [float("nan")] * t.numel() if has_no_data(t) else t.double().reshape(-1).tolist()

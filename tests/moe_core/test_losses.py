@@ -279,3 +279,12 @@ def test_load_stats_no_tokens() -> None:
 def test_expert_counts() -> None:
     idx = torch.tensor([[0, 3], [3, 1], [0, 3]])
     assert expert_counts(idx, 5).tolist() == [2, 1, 0, 3, 0]
+
+
+def test_host_reads_of_logged_numbers() -> None:
+    from moe_core.host_reads import floats
+
+    assert floats(torch.tensor(2.5)) == [2.5]  # 0-d: a list all the same
+    assert floats(torch.tensor([[1.0], [2.0]])) == [1.0, 2.0]
+    nan = floats(torch.empty(3, device="meta"))
+    assert len(nan) == 3 and all(v != v for v in nan)
