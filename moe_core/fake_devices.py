@@ -157,39 +157,6 @@ class EmulatedAutocast(TorchFunctionMode):
         self._patch.stop()
 
 
-class MetaAttentionKernel(TorchFunctionMode):
-    """Attention on meta tensors as the target device's kernel runs it, so activations have that device's sizes.
-
-    On meta, ``scaled_dot_product_attention`` takes the math path, which keeps [heads, T, T] fp32 scores per
-    layer for backward. A GPU runs this model's attention (causal, no mask, GQA, bf16) with flash attention and a
-    CPU with its flash kernel (any float dtype); neither keeps scores. Their aten ops have meta kernels, and
-    autograd formulas, so forward and backward are counted as they would run there.
-    """
-
-    def __init__(self, target: str) -> None:
-        super().__init__()
-        if target not in ("cuda", "cpu"):
-            raise ValueError(f"no attention kernel known for {target!r}")
-        self.target = target
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "scaled_dot_product_attention" and self._takes(args, kwargs):
-            q, k, v = args
-            causal = kwargs.get("is_causal", False)
-            if self.target == "cuda":
-                return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[0]
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[0]
-        return func(*args, **kwargs)
-
-    def _takes(self, args: tuple, kwargs: dict) -> bool:
-        """q, k, v on meta, no mask or dropout; on CUDA fp16/bf16 and head dim ≤ 256 (flash attention's limits)."""
-        if len(args) != 3 or set(kwargs) - {"is_causal", "enable_gqa"} or args[0].device.type != "meta":
-            return False
-        q = args[0]
-        return self.target == "cpu" or (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
-
-
 class FakeCudaIndexing(TorchFunctionMode):
     """Python indexing (``x[i]``, ``x[i] = v``) of fake CUDA tensors, as views and ``aten.index``/``index_put_``.
 

@@ -85,7 +85,7 @@ class TrainConfig:
         self.aux_loss = AuxLoss(self.aux_loss)
         if self.sharding is None and self.zero_stage is None:
             self.sharding = default_sharding(self.gpus_per_worker)
-        if self.sharding is not None and self.sharding in _STAGE_OF:
+        if self.sharding in _STAGE_OF:
             stage = _STAGE_OF[self.sharding]
             if self.zero_stage is not None and self.zero_stage != stage:
                 raise ValueError(f"--sharding {self.sharding} and --zero-stage {self.zero_stage} disagree: give one")

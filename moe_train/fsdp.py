@@ -104,7 +104,8 @@ def clip_sharded_gradients(model: torch.nn.Module, max_norm: float) -> float:
 
 class FsdpStepper:
     """``--sharding fsdp``: the model sharded by FSDP2 (which reduces the gradients), our clipping, torch AdamW on
-    the fp32 shards."""
+    the fp32 shards. Its checkpoints are sharded (``sharded_state``, ``moe_train.sharded_checkpoint``), not the
+    rank files of the other steppers' ``model_state``/``optimizer_state``/``load``."""
 
     def __init__(
         self,
@@ -155,16 +156,6 @@ class FsdpStepper:
     def full_rank_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters whole (gathered over their mesh), as a plain process holding its experts has them."""
         return {n: _full(p.detach()) for n, p in self.model.named_parameters()}
-
-    def model_state(self) -> dict[str, Any]:
-        return self.model.state_dict()
-
-    def optimizer_state(self) -> Any:
-        return self.opt.state_dict()
-
-    def load(self, model_state: dict[str, Any], optimizer_state: Any) -> None:
-        self.model.load_state_dict(model_state)
-        self.opt.load_state_dict(optimizer_state)
 
     def sharded_state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """(what a sharded checkpoint stores, the model's and the optimizer's own state dicts).

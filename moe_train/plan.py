@@ -115,7 +115,6 @@ def plan_training(cfg: TrainConfig, gpu_memory_gib: float = 80.0, headroom: floa
 
 
 def _plan(cfg: TrainConfig, model_cfg: ModelConfig, gpu_memory_gib: float, headroom: float) -> TrainingPlan:
-
     world, on_gpu = cfg.workers, cfg.gpus_per_worker > 0
     notes = ["routing assumed even over the experts (the all-to-all's sizes have no data on fake tensors)"]
     with fake_world(world):

@@ -43,12 +43,10 @@ def save(directory: Path, stepper: Any, step: int) -> None:
 def load(directory: Path, stepper: Any) -> int:
     """Load a sharded checkpoint into this rank's layout, whatever layout wrote it (collective); returns its step."""
     view, model_sd, optim_sd = stepper.sharded_state()
-    train = _train_state(stepper.model, 0)
+    train = _train_state(stepper.model, 0)  # holds the selection-bias buffers themselves: DCP loads in place
     dcp.load({**view, "train": train}, checkpoint_id=str(directory))
     stepper.load_sharded_state(model_sd, optim_sd)
     torch.set_rng_state(train["rng"])
-    for i, moe in enumerate(stepper.model.moe_layers()):
-        moe.gate.selection_bias.copy_(train[f"selection_bias.{i}"])
     return int(train["step"])
 
 
