@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from train_parity import parity_model
+from train_parity import ADAM_BETAS, CONDITION, MAX_ILL_FRACTION, adam_step_bound, parity_model
 
 from moe_core.loading import load_model, save_model
 from moe_train.config import TrainConfig
@@ -24,13 +24,14 @@ from moe_train.export import export_sharded
 from moe_train.sharded_checkpoint import model_keys, read_tensors
 
 STEPS, ROWS, SEQ = 4, 4, 24  # ROWS: the global batch
+LR, TOL = 1e-3, 1e-6
 
 
 def _config(model_dir: Path, world: int, ep: int) -> TrainConfig:
     micro = 1 if world == 4 else 2
     return TrainConfig(
         model=str(model_dir), data="unused", out="unused", workers=world, ep=ep, steps=STEPS, seq_len=SEQ,
-        micro_batch=micro, grad_accum=ROWS // (world * micro), lr=1e-3, grad_clip=0.5, aux_loss="none",
+        micro_batch=micro, grad_accum=ROWS // (world * micro), lr=LR, grad_clip=0.5, aux_loss="none",
         sharding="fsdp",
     )  # fmt: skip
 
@@ -112,9 +113,38 @@ def test_resume_in_another_layout_ends_like_the_uninterrupted_run(
     # Resumed in the other layout for the last 2 steps: the uninterrupted run's weights and AdamW state.
     resumed = _everything(_spawn(*then, model_dir, tmp_path / "resumed", STEPS, resume=half))
     assert int(resumed["train.step"]) == STEPS
-    worst = max((resumed[k].double() - whole[k].double()).abs().max().item() for k in whole if k != "train.rng")
-    print(f"{first} -> {then}: largest difference {worst:.2e}")
-    assert worst <= 1e-6
+    ill = _ill_conditioned(whole, step=STEPS)
+    assert sum(int(m.sum()) for m in ill.values()) <= MAX_ILL_FRACTION * sum(m.numel() for m in ill.values())
+    # Both runs may move an ill-conditioned element this far from each other in the resumed steps.
+    drift = 2 * LR * sum(adam_step_bound(step) for step in range(3, STEPS + 1)) + TOL
+    worst = ill_worst = 0.0
+    for k in whole:
+        if k == "train.rng":
+            continue
+        diff = (resumed[k].double() - whole[k].double()).abs()
+        if k in ill:
+            ill_worst = max(ill_worst, diff[ill[k]].max().item() if ill[k].any() else 0.0)
+            diff = diff[~ill[k]]
+        worst = max(worst, diff.max().item() if diff.numel() else 0.0)
+    print(f"{first} -> {then}: largest difference {worst:.2e}, ill-conditioned {ill_worst:.2e} (bound {drift:.1e})")
+    assert worst <= TOL
+    assert ill_worst <= drift
+
+
+def _ill_conditioned(state: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """Model key -> the elements whose AdamW update is ill-conditioned: √v̂ below ``CONDITION`` · its tensor's RMS
+    (its expert's, for expert tensors), where the exact gradient is about zero and the update is rounding noise
+    amplified by Adam (attention's key bias is the usual case: softmax ignores it)."""
+    masks = {}
+    for key in state:
+        if not key.startswith("model."):
+            continue
+        name = key[len("model.") :]
+        root_v = (state[f"optim.state.{name}.exp_avg_sq"].double() / (1 - ADAM_BETAS[1] ** step)).sqrt()
+        dims = tuple(range(1, root_v.ndim)) if ".mlp.experts." in name else tuple(range(root_v.ndim))
+        rms = root_v.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else root_v.abs()
+        masks[key] = (root_v > 0) & (root_v < CONDITION * rms)  # never-touched elements (v = 0) move alike
+    return masks
 
 
 def test_export_streams_a_sharded_checkpoint_bit_for_bit(model_dir: Path, tmp_path: Path) -> None:
