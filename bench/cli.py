@@ -14,6 +14,7 @@ BENCHMARKS = {
         "bench.gpu_readiness",
         "training forward and serving of a layout on fake CUDA devices: CPU/CUDA mixes, collectives, dtypes",
     ),
+    "export": ("bench.export", "peak RSS and time of upmoe export on a sharded checkpoint of an upcycled shape"),
     "upcycle": ("bench.upcycle", "upcycle a random dense checkpoint vs copying the same bytes: time, GB/s, RSS"),
 }
 

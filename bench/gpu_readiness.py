@@ -30,6 +30,7 @@ from moe_core.fake_devices import (
     meta_model,
     residual_dtype_checked,
 )
+from moe_core.state_dict_adapter import expert_block
 
 
 @dataclass
@@ -108,7 +109,7 @@ def check_serving(
 
     started = time.perf_counter()
     device = torch.device("cuda:0")
-    per_rank = cfg.num_experts // ep if cfg.is_moe else None
+    per_rank = expert_block(cfg.num_experts, ep, 0)[1] if cfg.is_moe else None
     # "cuda:0", not "cuda": resolving a bare "cuda" asks the (absent) CUDA runtime for the current device.
     spec = ShardSpec("fake", num_slots, max_seq_len, torch.bfloat16, "cuda:0", ep_rank=0, ep_size=ep)
     model = meta_model(cfg, torch.bfloat16, 0, per_rank)

@@ -33,6 +33,7 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "SINGLE_FILE",
     "CheckpointError",
     "TensorReader",
+    "TensorSpec",
     "atomic_output_dir",
     "dir_nbytes",
     "read_json",
@@ -483,46 +485,62 @@ def _tensor_buffer(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(tensor.data_ptr())).cast("B")
 
 
-def _shard_header(items: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
-    """Build a padded header; keys sorted and compact separators keep it byte-deterministic."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to lay a tensor out before it has the data: its key, dtype and shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, key: str, tensor: torch.Tensor) -> TensorSpec:
+        return cls(key, tensor.dtype, tuple(tensor.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _shard_layout(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """A shard's padded header and each tensor's offset in the file.
+
+    Data is laid out by descending element size, then name (the order safetensors' own writer uses), so every
+    tensor starts at a multiple of its element size and zero-copy readers that need aligned buffers can map it
+    directly. Keys sorted and compact separators keep the header byte-deterministic.
+    """
+    specs = sorted(specs, key=lambda t: (-t.dtype.itemsize, t.key))
     header: dict[str, Any] = {_METADATA_KEY: dict(sorted(metadata.items()))}
-    offset = 0
-    for key, tensor in items:
-        n = _tensor_nbytes(tensor)
-        header[key] = {
-            "dtype": _TORCH_TO_ST[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + n],
+    offset, offsets = 0, {}
+    for spec in specs:
+        if spec.dtype not in _TORCH_TO_ST:
+            raise CheckpointError(f"tensor {spec.key!r} has dtype {spec.dtype}, which safetensors cannot store")
+        header[spec.key] = {
+            "dtype": _TORCH_TO_ST[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
         }
-        offset += n
+        offsets[spec.key] = offset
+        offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     # Pad with spaces (as safetensors does) so tensor data starts 8-byte aligned.
     raw += b" " * (-len(raw) % _HEADER_ALIGN)
-    return raw
+    start = 8 + len(raw)
+    return raw, {key: start + off for key, off in offsets.items()}
 
 
 def _write_shard(
     path: Path, items: list[tuple[str, torch.Tensor]], metadata: dict[str, str], digest: Any = None
 ) -> None:
-    """Write one safetensors file, streaming tensor bytes straight from tensor memory.
-
-    Data is laid out by descending element size, then name (the order safetensors' own writer
-    uses), so every tensor starts at a multiple of its element size and zero-copy readers that
-    need aligned buffers can map it directly.
-    """
-    items = sorted(items, key=lambda kv: (-kv[1].element_size(), kv[0]))
-    header = _shard_header(items, metadata)
+    """Write one safetensors file, streaming tensor bytes straight from tensor memory."""
+    header, offsets = _shard_layout([TensorSpec.of(k, t) for k, t in items], metadata)
     chunks = [struct.pack("<Q", len(header)), header]
+    chunks += [_tensor_buffer(t) for _, t in sorted(items, key=lambda kv: offsets[kv[0]])]
     with path.open("wb") as f:
         for chunk in chunks:
             f.write(chunk)
             if digest is not None:
                 digest.update(chunk)
-        for _, tensor in items:
-            buffer = _tensor_buffer(tensor)
-            f.write(buffer)
-            if digest is not None:
-                digest.update(buffer)
 
 
 def _check_writer_args(out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None) -> dict[str, str]:
@@ -552,12 +570,24 @@ class _ShardFlusher:
         self.temp_paths: list[Path] = []
         self.total_size = 0
 
-    def __call__(self, items: list[tuple[str, torch.Tensor]]) -> None:
+    def _next_path(self, nbytes: int) -> Path:
         path = self.out_dir / f".model-{self.count:05d}.safetensors.partial"
         self.temp_paths.append(path)
-        _write_shard(path, items, self.metadata)
-        self.total_size += sum(_tensor_nbytes(t) for _, t in items)
+        self.total_size += nbytes
         self.count += 1
+        return path
+
+    def __call__(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        _write_shard(self._next_path(sum(_tensor_nbytes(t) for _, t in items)), items, self.metadata)
+
+    def open(self, specs: list[TensorSpec]) -> tuple[Any, dict[str, int]]:
+        """A shard file with its header written and its full size allocated, and where each tensor goes."""
+        header, offsets = _shard_layout(specs, self.metadata)
+        path = self._next_path(sum(s.nbytes for s in specs))
+        f = path.open("wb")
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + sum(s.nbytes for s in specs))
+        return f, offsets
 
 
 def _pack_shards(
@@ -593,8 +623,13 @@ def write_safetensors_shards(
     out_dir: str | Path,
     max_shard_bytes: int = 5 * 2**30,
     metadata: dict[str, str] | None = None,
+    plan: list[TensorSpec] | None = None,
 ) -> dict:
     """Stream (key, tensor) pairs into ``model-KKKKK-of-NNNNN.safetensors`` shards plus an index.
+
+    Without ``plan`` the current shard's tensors are held until it is full. With ``plan`` (every tensor's key,
+    dtype and shape, in stream order) each tensor is written where it belongs as it arrives and nothing is held,
+    so peak memory is the largest tensor; the files are byte-identical either way.
 
     The index is always written (even for a single shard) so readers have one code path, and it is
     written last, after the shards have their final names, so its presence means the set is complete.
@@ -606,7 +641,10 @@ def write_safetensors_shards(
     flusher = _ShardFlusher(out_dir, meta)
     final_paths: list[Path] = []
     try:
-        shard_of = _pack_shards(tensors, max_shard_bytes, flusher)
+        if plan is None:
+            shard_of = _pack_shards(tensors, max_shard_bytes, flusher)
+        else:
+            shard_of = _write_planned(tensors, _plan_shards(plan, max_shard_bytes), flusher)
         if not shard_of:
             raise CheckpointError(f"no tensors to write to {out_dir}")
         n = flusher.count
@@ -620,6 +658,50 @@ def write_safetensors_shards(
             p.unlink(missing_ok=True)
         raise
     return index
+
+
+def _plan_shards(plan: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """The shards ``_pack_shards`` would make of a stream of these tensors."""
+    shards: list[list[TensorSpec]] = []
+    current_bytes = 0
+    for spec in plan:
+        if not shards or (shards[-1] and current_bytes + spec.nbytes > max_shard_bytes):
+            shards.append([])
+            current_bytes = 0
+        shards[-1].append(spec)
+        current_bytes += spec.nbytes
+    return shards
+
+
+def _write_planned(
+    tensors: Iterable[tuple[str, torch.Tensor]], shards: list[list[TensorSpec]], flush: _ShardFlusher
+) -> dict[str, int]:
+    """Write the stream into pre-laid-out shards, each tensor at its offset as it comes; returns key -> shard."""
+    expected = iter([(k, spec) for k, shard in enumerate(shards) for spec in shard])
+    shard_of: dict[str, int] = {}
+    file, offsets, shard = None, {}, -1
+    try:
+        for key, tensor in tensors:
+            k, spec = next(expected, (None, None))
+            if spec is None or TensorSpec.of(key, tensor) != spec:
+                raise CheckpointError(f"tensor {key!r} {list(tensor.shape)} {tensor.dtype} is not the planned {spec}")
+            if k != shard:
+                if file is not None:
+                    file.close()
+                file, offsets = flush.open(shards[k])
+                shard = k
+            tensor = _prepare_tensor(key, tensor)
+            file.seek(offsets[key])
+            file.write(_tensor_buffer(tensor))
+            del tensor  # not held while the stream produces the next one
+            shard_of[key] = k
+        left = next(expected, None)
+        if left is not None:
+            raise CheckpointError(f"the stream ended before the planned tensor {left[1].key!r}")
+    finally:
+        if file is not None:
+            file.close()
+    return shard_of
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,8 +830,11 @@ def save_hf_dir(
     copy_files: Iterable[str | Path] = (),
     extra_json: dict[str, dict] | None = None,
     overwrite: bool = False,
+    plan: list[TensorSpec] | None = None,
 ) -> Path:
-    """Write a complete HF model directory (shards, index, config.json, extra files) atomically."""
+    """Write a complete HF model directory (shards, index, config.json, extra files) atomically.
+
+    ``plan``: see ``write_safetensors_shards``."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{CONFIG_FILE}: expected a dict, found {type(config).__name__}")
     config_text = _json_text(config, CONFIG_FILE)
@@ -757,7 +842,7 @@ def save_hf_dir(
     extra_text = {name: _json_text(obj, name) for name, obj in extra.items()}
     out_dir = Path(out_dir).absolute()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        write_safetensors_shards(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        write_safetensors_shards(tensors, tmp, max_shard_bytes=max_shard_bytes, plan=plan)
         (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
         for src in sources:
             shutil.copyfile(src, tmp / src.name)

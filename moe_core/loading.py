@@ -17,8 +17,8 @@ import torch
 from moe_core.checkpoint_io import CheckpointError, TensorReader, save_hf_dir
 from moe_core.config import ModelConfig, read_model_config
 from moe_core.experts import ExpertBackend
-from moe_core.hf_keys import IGNORED_KEY, expected_hf_keys, expert_key, hf_tensors, stacked_param
 from moe_core.model import CausalLM
+from moe_core.state_dict_adapter import IGNORED_KEY, expected_hf_keys, expert_rows, hf_tensors, stacked_param
 
 # Files copied next to the weights when saving: tokenizer (v4 and v5 layouts) and generation settings.
 TOKENIZER_FILES = (
@@ -103,17 +103,10 @@ def fill_parameters(model: CausalLM, reader: TensorReader) -> None:
             param.copy_(_read(reader, name, tuple(param.shape), param.dtype))
             continue
         layer, kind = stacked
-        expert_size = param.shape[2] if kind == "down_proj" else param.shape[1] // 2
         for local in range(param.shape[0]):
-            e = first + local
-            if kind == "down_proj":
-                param[local].copy_(
-                    _read(reader, expert_key(layer, e, "down_proj"), tuple(param.shape[1:]), param.dtype)
-                )
-            else:
-                shape = (expert_size, param.shape[2])
-                param[local, :expert_size].copy_(_read(reader, expert_key(layer, e, "gate_proj"), shape, param.dtype))
-                param[local, expert_size:].copy_(_read(reader, expert_key(layer, e, "up_proj"), shape, param.dtype))
+            for key, rows in expert_rows(kind, layer, first + local, param.shape[1]):
+                part = param[local, rows]
+                part.copy_(_read(reader, key, tuple(part.shape), param.dtype))
 
 
 def _read(reader: TensorReader, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

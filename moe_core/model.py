@@ -1,7 +1,7 @@
 """Qwen2 dense and Qwen2-MoE causal language models, written as single-device PyTorch.
 
 Module and parameter names follow the HF checkpoint keys (``model.layers.{i}.self_attn.q_proj`` ...), so the
-key map in ``hf_keys`` only has to translate the stacked expert weights. Parallelism (expert parallel
+key map in ``state_dict_adapter`` only has to translate the stacked expert weights. Parallelism (expert parallel
 dispatch, DeepSpeed) is applied from outside.
 
 Shape legend: B batch, T new tokens, S visible key positions, D hidden, H q heads, H_kv kv heads, d head dim.

@@ -167,16 +167,27 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
-    p.description = "Gather a training run's sharded checkpoint into an HF directory transformers and upmoe load."
+    p.description = (
+        "Stream a training run's checkpoint (any --sharding) into an HF directory that transformers, vLLM and "
+        "upmoe load; the host holds about one decoder layer at a time."
+    )
     p.add_argument("run_dir", type=Path)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32", "source"),
+        help="dtype of the exported weights (default: bf16 for a run trained on GPUs, which computes in bf16, "
+        "fp32 otherwise; source: the dtype of the model the run started from)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from moe_train.export import export_run
 
-    path = export_run(args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite)
+    path = export_run(
+        args.run_dir, args.out_dir, step=args.step, overwrite=args.overwrite, dtype=args.dtype, progress=True
+    )
     print(f"exported {args.run_dir} -> {path}")
     return 0

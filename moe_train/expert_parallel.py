@@ -1,8 +1,8 @@
 """Expert parallelism for training: process-group layout, installing the all-to-all dispatcher, gradients.
 
-World = DP × EP; rank r owns experts [ep_rank·E_l, (ep_rank+1)·E_l) with E_l = E / EP. The dispatcher itself
-(``moe_core.all_to_all``) is shared with serving; ``install_expert_parallel`` swaps it into each MoE block, so
-the model code is unchanged.
+World = DP × EP; which experts a rank owns is ``moe_core.state_dict_adapter``'s rule (contiguous blocks). The
+dispatcher itself (``moe_core.all_to_all``) is shared with serving; ``install_expert_parallel`` swaps it into
+each MoE block, so the model code is unchanged.
 
 Gradient scaling (docs/design.md §6): with each rank's loss a mean over its own tokens and the global loss their
 mean over the W data-parallel ranks, a non-expert gradient is the mean over W of the ranks' gradients, and
@@ -22,6 +22,7 @@ from moe_core.all_to_all import AllToAllDispatcher, CommTimer
 from moe_core.host_reads import floats
 from moe_core.model import CausalLM
 from moe_core.moe import MoE
+from moe_core.state_dict_adapter import ExpertSplitError, check_expert_split, expert_block, is_expert_param
 
 
 class ParallelLayoutError(ValueError):
@@ -39,12 +40,14 @@ class ParallelLayout:
     def __post_init__(self) -> None:
         if self.ep_size < 1 or self.world_size % self.ep_size:
             raise ParallelLayoutError(f"EP size {self.ep_size} must divide the world size {self.world_size}")
-        if self.num_experts % self.ep_size:
-            raise ParallelLayoutError(f"EP size {self.ep_size} must divide the routed expert count {self.num_experts}")
+        try:
+            check_expert_split(self.num_experts, self.ep_size)
+        except ExpertSplitError as e:
+            raise ParallelLayoutError(str(e)) from None
 
     @property
     def experts_per_rank(self) -> int:
-        return self.num_experts // self.ep_size
+        return expert_block(self.num_experts, self.ep_size, 0)[1]
 
     def ep_group_ranks(self, rank: int) -> list[int]:
         start = rank // self.ep_size * self.ep_size
@@ -55,7 +58,7 @@ class ParallelLayout:
         return list(range(rank % self.ep_size, self.world_size, self.ep_size))
 
     def first_expert(self, rank: int) -> int:
-        return rank % self.ep_size * self.experts_per_rank
+        return expert_block(self.num_experts, self.ep_size, rank % self.ep_size)[0]
 
 
 @dataclass
@@ -107,10 +110,6 @@ def install_expert_parallel(model: CausalLM, groups: ProcessGroups) -> CommTimer
         moe.dispatcher = AllToAllDispatcher(groups.ep, groups.layout.ep_size, timer)
     groups.comm = timer
     return timer
-
-
-def is_expert_param(name: str) -> bool:
-    return ".mlp.experts." in name
 
 
 @torch.no_grad()

@@ -37,8 +37,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from moe_core.host_reads import floats
 from moe_core.model import CausalLM
+from moe_core.state_dict_adapter import is_expert_param
 from moe_train.config import TrainConfig
-from moe_train.expert_parallel import ProcessGroups, is_expert_param
+from moe_train.expert_parallel import ProcessGroups
 from moe_train.optim import LossFn, LossOutput, build_adamw
 
 
@@ -185,8 +186,8 @@ class FsdpStepper:
 
     def global_experts(self, fqn: str, value: Any) -> Any:
         """An expert tensor (this rank's shard of its EP rank's experts) as its slice of the global [E, ...] tensor:
-        split over "ep" first (contiguous expert blocks), then over "edp" (FSDP2's shards), as DTensor places
-        Shard(0), Shard(0) on the ("ep", "edp") mesh. Anything else unchanged."""
+        split over "ep" first (the contiguous blocks of ``state_dict_adapter.expert_block``), then over "edp"
+        (FSDP2's shards), as DTensor places Shard(0), Shard(0) on the ("ep", "edp") mesh. Anything else unchanged."""
         if not (isinstance(value, DTensor) and is_expert_param(fqn) and value.ndim == 3):
             return value
         shape = (self.model.config.num_experts, *value.shape[1:])

@@ -11,6 +11,7 @@ process group, a few at a time, for ``upmoe export``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,5 +59,7 @@ def model_keys(directory: Path) -> list[str]:
 
 def read_tensors(directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Whole tensors for ``names`` (parameter names), on the host, without a process group."""
-    loaded = _load_state_dict_from_keys({MODEL_PREFIX + n for n in names}, checkpoint_id=str(directory))
+    with warnings.catch_warnings():  # "no process group: loading in one process" is the point here
+        warnings.filterwarnings("ignore", "torch.distributed is unavailable", UserWarning)
+        loaded = _load_state_dict_from_keys({MODEL_PREFIX + n for n in names}, checkpoint_id=str(directory))
     return {n: loaded["model"][n] for n in names}

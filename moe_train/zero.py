@@ -51,8 +51,9 @@ from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from moe_core.model import CausalLM
+from moe_core.state_dict_adapter import is_expert_param
 from moe_train.config import TrainConfig
-from moe_train.expert_parallel import ParallelLayout, ParallelLayoutError, ProcessGroups, is_expert_param
+from moe_train.expert_parallel import ParallelLayout, ParallelLayoutError, ProcessGroups
 from moe_train.optim import LossFn, LossOutput, build_adamw
 
 DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket (elements)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
+from moe_core import state_dict_adapter
 from moe_core.config import ModelConfig, read_model_config
 from moe_core.generate import pad_right
 from moe_core.kv_cache import KVCache
 from moe_core.loading import load_model
 from moe_core.model import CausalLM, CausalLMOutput
 from moe_core.permute import expert_counts
+from moe_core.state_dict_adapter import ExpertSplitError, expert_block
 from serve.engine import StepOutput
 
 DEFAULT_MAX_SEQ_LEN = 8192  # without --max-seq-len: the model's context, capped so the cache stays modest
@@ -47,8 +49,11 @@ def check_expert_split(model_dir: str | Path, ep_size: int) -> ModelConfig:
     cfg = read_model_config(model_dir)
     if ep_size > 1 and not cfg.is_moe:
         raise ValueError(f"--ep {ep_size} needs a MoE model; {model_dir} is dense")
-    if cfg.is_moe and cfg.num_experts % ep_size:
-        raise ValueError(f"--ep {ep_size} must divide the routed expert count {cfg.num_experts}")
+    if cfg.is_moe:
+        try:
+            state_dict_adapter.check_expert_split(cfg.num_experts, ep_size)
+        except ExpertSplitError:
+            raise ValueError(f"--ep {ep_size} must divide the routed expert count {cfg.num_experts}") from None
     return cfg
 
 
@@ -58,13 +63,13 @@ class ModelShard:
         harness builds one with no weights to read)."""
         if model is None:
             cfg = check_expert_split(spec.model_dir, spec.ep_size)
-            per_rank = cfg.num_experts // spec.ep_size if cfg.is_moe else None
+            first, count = expert_block(cfg.num_experts, spec.ep_size, spec.ep_rank) if cfg.is_moe else (0, None)
             model = load_model(
                 spec.model_dir,
                 dtype=spec.dtype,
                 device=spec.device,
-                first_expert=spec.ep_rank * per_rank if per_rank else 0,
-                num_local_experts=per_rank,
+                first_expert=first,
+                num_local_experts=count,
             )
         self.model: CausalLM = model.eval()
         cfg = model.config

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from moe_core.checkpoint_io import CheckpointError, TensorReader, file_sha256, write_index
 from moe_core.fileutil import write_text_atomic
-from moe_core.hf_keys import expected_hf_keys
 from moe_core.loading import TOKENIZER_FILES, check_keys, config_with_dtype
+from moe_core.state_dict_adapter import expected_hf_keys
 from upcycle.plan import Plan
 from upcycle.recipe import InitMethod
 from upcycle.source import fingerprint

@@ -19,7 +19,7 @@ import torch
 
 from moe_core.checkpoint_io import TensorReader, write_safetensors_file
 from moe_core.config import ModelConfig
-from moe_core.hf_keys import expert_key
+from moe_core.state_dict_adapter import expert_tensors
 from upcycle.recipe import InitMethod, UpcycledFFN, UpcycleSpec, layer_generator, upcycle_ffn
 
 CHECKED_EXPERTS = 8  # routed experts per layer whose kept neurons are compared with the dense FFN
@@ -116,11 +116,8 @@ def _attention_shape(cfg: ModelConfig, proj: str) -> tuple[int, int]:
 def moe_tensors(ffn: UpcycledFFN, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
     p = f"model.layers.{layer}.mlp"
     yield f"{p}.gate.weight", ffn.router
-    expert_size = ffn.down.shape[2]
-    for e in range(ffn.gate_up.shape[0]):
-        yield expert_key(layer, e, "gate_proj"), ffn.gate_up[e, :expert_size]
-        yield expert_key(layer, e, "up_proj"), ffn.gate_up[e, expert_size:]
-        yield expert_key(layer, e, "down_proj"), ffn.down[e]
+    yield from expert_tensors(layer, "gate_up_proj", ffn.gate_up)
+    yield from expert_tensors(layer, "down_proj", ffn.down)
     if ffn.shared_gate is not None:
         yield f"{p}.shared_expert.gate_proj.weight", ffn.shared_gate
         yield f"{p}.shared_expert.up_proj.weight", ffn.shared_up

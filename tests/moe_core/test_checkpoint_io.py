@@ -16,6 +16,7 @@ from moe_core.checkpoint_io import (
     INDEX_FILE,
     CheckpointError,
     TensorReader,
+    TensorSpec,
     atomic_output_dir,
     dir_nbytes,
     read_json,
@@ -431,3 +432,34 @@ def test_save_hf_dir_fails_fast_without_leaving_output(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="config.json"):
         save_hf_dir(tmp_path / "hf", [], {}, extra_json={"config.json": {}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Planned writing: every tensor written where it belongs as it arrives, nothing held
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_shard_bytes", [64, 256, 10**6])
+def test_planned_writing_gives_the_same_bytes_as_holding_each_shard(tmp_path: Path, max_shard_bytes: int) -> None:
+    held, held_index = _write(tmp_path, "held", max_shard_bytes=max_shard_bytes)
+    tensors = _sample_tensors()
+    plan = [TensorSpec.of(k, t) for k, t in tensors.items()]
+    out = tmp_path / "planned"
+    index = write_safetensors_shards(tensors.items(), out, max_shard_bytes=max_shard_bytes, plan=plan)
+    assert index == held_index
+    assert [p.name for p in _shards(out)] == [p.name for p in _shards(held)]
+    for a, b in zip(_shards(out), _shards(held), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_planned_writing_refuses_a_stream_that_differs_from_the_plan(tmp_path: Path) -> None:
+    tensors = _sample_tensors()
+    plan = [TensorSpec.of(k, t) for k, t in tensors.items()]
+    wrong = dict(tensors, scalar=torch.tensor(3.5, dtype=torch.float64))
+    with pytest.raises(CheckpointError, match="not the planned"):
+        write_safetensors_shards(wrong.items(), tmp_path / "a", max_shard_bytes=256, plan=plan)
+    short = list(tensors.items())[:-1]
+    with pytest.raises(CheckpointError, match="ended before the planned tensor 'empty'"):
+        write_safetensors_shards(short, tmp_path / "b", max_shard_bytes=256, plan=plan)
+    for d in (tmp_path / "a", tmp_path / "b"):  # nothing half-written left behind
+        assert not [p for p in d.iterdir() if "safetensors" in p.name]

@@ -28,8 +28,8 @@ import torch.multiprocessing as mp
 from moe_core.loading import load_model, save_model
 from moe_core.model import CausalLM, next_token_loss
 from moe_core.registry import get_preset
+from moe_core.state_dict_adapter import is_expert_param
 from moe_train.config import TrainConfig
-from moe_train.expert_parallel import is_expert_param
 from moe_train.loop import accumulate_global_batch, build_rank_model, build_stepper, lr_at, mean_over_ranks
 from moe_train.optim import ADAM_BETAS, build_adamw
 
