@@ -301,7 +301,7 @@ class OpenAIIngress:
         self._check_model(body.model)
         return body
 
-    @api.post("/v1/completions", responses=POST_ERRORS, openapi_extra=body_of(CompletionRequest, streams=True))
+    @api.post("/v1/completions", responses=POST_ERRORS, openapi_extra=body_of(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         body: CompletionRequest = await self._accept(request, CompletionRequest)
         if isinstance(body.prompt, str):
@@ -314,7 +314,7 @@ class OpenAIIngress:
                 raise bad_request("prompt token ids must be in the vocabulary", "prompt")
         return await self._respond(body, prompt_ids, chat=False)
 
-    @api.post("/v1/chat/completions", responses=POST_ERRORS, openapi_extra=body_of(ChatRequest, streams=True))
+    @api.post("/v1/chat/completions", responses=POST_ERRORS, openapi_extra=body_of(ChatRequest))
     async def chat_completions(self, request: Request) -> Any:
         body: ChatRequest = await self._accept(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -23,11 +23,9 @@ ERROR_STATUSES = {
     400: "invalid request: malformed JSON, a field of the wrong type or value, a prompt beyond the context",
     401: "missing or wrong API key (only when the server was started with an API key)",
     404: "unknown model, or unknown URL",
-    405: "method not allowed on this URL",
     413: "request body larger than the endpoint's byte limit (--max-request-bytes)",
     415: "request body not declared as JSON",
     429: "the model replicas are at capacity; retry later",
-    500: "a bug in the server (never expected)",
     503: "no model replica could serve the request",
 }
 BEARER = {"bearer": {"type": "http", "scheme": "bearer", "description": "only when started with --api-key"}}
@@ -39,21 +37,19 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": ERROR_STATUSES[s]} for s in statuses}
 
 
-def body_of(model: type[BaseModel], *, streams: bool) -> dict[str, Any]:
-    """FastAPI ``openapi_extra=`` for a route that takes ``model`` as its JSON body (and may answer SSE)."""
-    extra: dict[str, Any] = {
+def body_of(model: type[BaseModel]) -> dict[str, Any]:
+    """FastAPI ``openapi_extra=`` for a completion route: ``model`` as its JSON body, JSON or SSE answers."""
+    sse = {"schema": {"type": "string"}, "example": 'data: {"choices": [...]}\n\ndata: [DONE]\n\n'}
+    return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref(model)}}}},
-        **SECURED,
-    }
-    if streams:
-        sse = {"schema": {"type": "string"}, "example": 'data: {"choices": [...]}\n\ndata: [DONE]\n\n'}
-        extra["responses"] = {
+        "responses": {
             "200": {
                 "description": "the completion; with stream: true, server-sent events ending in data: [DONE]",
                 "content": {"text/event-stream": sse},
             }
-        }
-    return extra
+        },
+        **SECURED,
+    }
 
 
 def ref(model: type[BaseModel]) -> str:

@@ -4,6 +4,7 @@ document, valid ones (positive) and ones the document says are invalid (negative
 Every answer must be a completion or an OpenAI error object with a documented status, never a 5xx; an invalid
 request must be refused (so the document is no looser than the server); the server must be healthy afterwards.
 Bounded: a fixed number of examples per operation and mode, no shrinking, the same examples every run.
+The soak benchmark's mixed load (``upmoe bench serve --soak``) runs here too, briefly, on the same endpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ KEY = "fuzz-key"
 MODEL = "fuzz-moe"
 CONTEXT = 64  # short generations: a valid request costs at most this many decode steps
 AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_LIMIT = 1 << 16  # --max-request-bytes: far above any generated body
 EXAMPLES = 100  # per operation and mode: 2 x 2 x 100 POSTs (about half streamed when valid) + GET /v1/models
 POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -43,6 +45,7 @@ def url(serve_port: int, moe_dir: Path):
         "api_key": KEY,
         "max_seq_len": CONTEXT,
         "max_batch_size": 4,
+        "max_request_bytes": BODY_LIMIT,
     }
     with running_endpoint(serve_port, options) as base:
         yield base
@@ -133,6 +136,28 @@ def test_models_listing_conforms(schema, url):
     response = case.call(base_url=url, headers=AUTH, timeout=30)
     case.validate_response(response, checks=CHECKS, additional_checks=[openai_error_object])
     assert [m["id"] for m in response.json()["data"]] == [MODEL]
+
+
+def test_a_short_soak_fails_no_valid_request(url):
+    from bench.serve import prompts_for
+    from bench.soak import soak
+
+    prompts = [p[:60] for p in prompts_for(16)]  # within the fuzzing context
+    result = soak(url, MODEL, 40, 8, 8, prompts, warmup=8, headers=AUTH)
+    assert result["failed_valid"] == 0 and result["misanswered_invalid"] == 0, result["failures"]
+    assert set(result["by_kind"]) == {"stream", "plain", "cancel", "invalid"} and result["healthy_after"]
+    assert result["rss_start_bytes"] > 10 << 20  # the replica's processes were found
+
+
+def test_max_request_bytes_is_the_limit(url):
+    def post(size: int) -> httpx.Response:
+        body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode()
+        padded = body[:-1] + b" " * (size - len(body)) + b"}"  # JSON whitespace: the same request, `size` bytes
+        return httpx.post(f"{url}/v1/completions", content=padded, headers=AUTH, timeout=60)
+
+    assert post(BODY_LIMIT).status_code == 200
+    over = post(BODY_LIMIT + 1)
+    assert over.status_code == 413 and f"limit of {BODY_LIMIT} bytes" in over.json()["error"]["message"]
 
 
 def test_the_server_is_healthy_after_the_fuzzing(url):
