@@ -15,18 +15,29 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.timing import markdown_table
+from bench.timing import markdown_table, percentile
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="model directory (default: a fresh debug-moe from `upmoe init`)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
-    p.add_argument("--requests", type=int, default=192, help="requests in total")
+    p.add_argument("--clients", type=int, help="concurrent clients (default 16; with --soak 32)")
+    p.add_argument("--requests", type=int, help="requests in total (default 192; with --soak, give N there)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks of the endpoint's replica")
+    p.add_argument(
+        "--soak",
+        type=int,
+        nargs="?",
+        const=2000,
+        metavar="N",
+        help="instead: N requests (default 2000) mixing streamed, non-streamed, cancelled mid-stream and invalid "
+        "ones; reports failed valid requests, p99 latency and the replica's RSS growth (bench/soak.py)",
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
 
 
@@ -88,7 +99,9 @@ async def _drive(url: str, model: str, prompts: list[str], clients: int, max_tok
     return results
 
 
-def measure_endpoint(model_dir: Path, args: argparse.Namespace, prompts: list[str]) -> dict:
+@contextmanager
+def local_endpoint(model_dir: Path, ep: int, clients: int) -> Iterator[str]:
+    """One ``ModelServer`` replica of ``model_dir`` (served as "bench") on a private local Ray; yields its URL."""
     import ray
     from ray import serve
 
@@ -97,32 +110,32 @@ def measure_endpoint(model_dir: Path, args: argparse.Namespace, prompts: list[st
 
     port = free_port()
     ray.init(
-        address="local",
-        num_cpus=max(4, args.ep + 1),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
+        address="local", num_cpus=max(4, ep + 1), include_dashboard=False, log_to_driver=False, configure_logging=False
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = {
             "model_dir": str(model_dir),
             "model_name": "bench",
-            "ep": args.ep,
+            "ep": ep,
             "max_seq_len": 512,
-            "max_batch_size": args.clients,
+            "max_batch_size": clients,
             "min_replicas": 1,
             "max_replicas": 1,
         }
         serve.run(build_app(options), name="upmoe", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def measure_endpoint(model_dir: Path, args: argparse.Namespace, prompts: list[str]) -> dict:
+    with local_endpoint(model_dir, args.ep, args.clients) as url:
         asyncio.run(_drive(url, "bench", prompts[: args.clients], args.clients, 8))  # warm-up
         start = time.perf_counter()
         timings = asyncio.run(_drive(url, "bench", prompts, args.clients, args.max_tokens))
         wall = time.perf_counter() - start
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     ttfts = [t.ttft for t in timings]
     tpots = [t.tpot for t in timings if t.tpot is not None]
     tokens = sum(t.tokens for t in timings)
@@ -130,18 +143,11 @@ def measure_endpoint(model_dir: Path, args: argparse.Namespace, prompts: list[st
         "tokens": tokens,
         "seconds": wall,
         "tokens_per_s": tokens / wall,
-        "ttft_p50": _pct(ttfts, 50),
-        "ttft_p99": _pct(ttfts, 99),
-        "tpot_p50": _pct(tpots, 50),
-        "tpot_p99": _pct(tpots, 99),
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p99": percentile(ttfts, 99),
+        "tpot_p50": percentile(tpots, 50),
+        "tpot_p99": percentile(tpots, 99),
     }
-
-
-def _pct(values: list[float], q: int) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def measure_transformers(model_dir: Path, prompts: list[str], max_tokens: int, wave: int) -> dict:
@@ -179,20 +185,33 @@ def measure_transformers(model_dir: Path, prompts: list[str], max_tokens: int, w
     return {"sequential": sequential, "static_batch": batched}
 
 
-def run(args: argparse.Namespace) -> int:
+@contextmanager
+def bench_model(model: Path | None) -> Iterator[Path]:
+    """``model``, or a fresh debug-moe from ``upmoe init`` in a temporary directory."""
     from upmoe.cli import main
 
+    if model is not None:
+        yield model
+        return
     work = Path(tempfile.mkdtemp(prefix="upmoe-bench-serve-"))
     try:
-        model_dir = args.model
-        if model_dir is None:
-            model_dir = work / "debug-moe"
-            main(["init", str(model_dir), "--preset", "debug-moe"])
+        main(["init", str(work / "debug-moe"), "--preset", "debug-moe"])
+        yield work / "debug-moe"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        from bench.soak import run_soak
+
+        return run_soak(args)
+    args.clients = args.clients or 16
+    args.requests = args.requests or 192
+    with bench_model(args.model) as model_dir:
         prompts = prompts_for(args.requests)
         endpoint = measure_endpoint(model_dir, args, prompts)
         hf = measure_transformers(model_dir, prompts, args.max_tokens, args.clients)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     ms = 1000.0
     rows = [
         [

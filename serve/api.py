@@ -10,6 +10,9 @@ whose ``param`` names it, so clients never get something other than what they as
 - known but not implemented (``n``, ``logprobs``, penalties, ``tools``, ...): accepted only at a value that asks
   for nothing (null or OpenAI's default, e.g. ``n: 1``, ``presence_penalty: 0``), refused otherwise;
 - anything else: refused as OpenAI does, "Unrecognized request argument supplied: NAME".
+
+The models' JSON schemas (published in the OpenAPI document, ``serve.openapi``) say the same: the unimplemented
+fields appear with only their accepted values, and no other property is allowed.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from serve.engine import Finished
 
@@ -40,8 +43,21 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, type_="invalid_request_error", param=param)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """What every failure answers (``OpenAIError.body``), as the OpenAPI document describes it."""
+
+    error: ErrorDetail
+
+
 # Request fields that ask nothing of generation (OpenAI's end-user id, tags for the caller's own records).
-INFORMATIONAL = frozenset({"user", "metadata"})
+SAMPLING_INFORMATIONAL = frozenset({"user", "metadata"})
 
 # OpenAI request fields this endpoint does not implement, each with the values that ask for nothing (null always
 # does): a request may carry them at those values (clients often send defaults), any other value is a 400.
@@ -111,35 +127,49 @@ def refuse_extra_fields(
         raise bad_request(f"{name}={shown} is not supported by this endpoint; omit it or send {accepted}", name)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")  # refused by name in refuse_unsupported
+def _declare_extras(schema: dict[str, Any], cls: type) -> None:
+    """JSON schema of a model whose undeclared fields are refused in code: list the unimplemented fields with
+    the values ``refuse_extra_fields`` accepts, the informational ones as anything, and allow nothing else."""
+    properties = schema.setdefault("properties", {})
+    for name, neutral in cls.UNSUPPORTED.items():
+        properties[name] = {
+            "anyOf": [{"type": "null"}, *({"const": v} for v in neutral)],
+            "description": "not implemented: accepted only at a value that asks for nothing",
+        }
+    for name in cls.INFORMATIONAL:
+        properties[name] = {"description": "informational: accepted and not used"}
+    schema["additionalProperties"] = False
 
+
+class _Refusing(BaseModel):
+    """A request object that keeps undeclared fields (``model_extra``) so refuse_unsupported can name them in
+    the 400; UNSUPPORTED and INFORMATIONAL list the undeclared fields it accepts."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_declare_extras)
+    UNSUPPORTED: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    INFORMATIONAL: ClassVar[frozenset[str]] = frozenset()
+
+
+class StreamOptions(_Refusing):
     include_usage: bool = Field(False, strict=True)
 
 
-class _Sampling(BaseModel):
-    # Undeclared fields are kept (``model_extra``) so refuse_unsupported can name them in the 400.
-    model_config = ConfigDict(extra="allow")
+class _Sampling(_Refusing):
+    UNSUPPORTED = _SAMPLING_UNSUPPORTED
+    INFORMATIONAL = SAMPLING_INFORMATIONAL
 
     # Numbers and booleans are strict, as OpenAI's API is: "stream": "yes" or "max_tokens": true is a 400, not a
     # guess (an int is still a valid float).
     model: str
-    max_tokens: int | None = Field(None, strict=True)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
     top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     seed: int | None = Field(None, strict=True)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     # vLLM's: generation ends only at max_tokens or a stop string, never at EOS
     ignore_eos: bool = Field(False, strict=True)
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return v
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -147,24 +177,32 @@ class _Sampling(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def refuse_unsupported(self) -> None:
-        refuse_extra_fields(self.model_extra, self._unsupported(), informational=INFORMATIONAL)
+        refuse_extra_fields(self.model_extra, self.UNSUPPORTED, informational=self.INFORMATIONAL)
         if self.stream_options is not None:
             refuse_extra_fields(self.stream_options.model_extra, {}, prefix="stream_options.")
             if not self.stream:
                 raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad_request(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
 
-    def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
-        return _SAMPLING_UNSUPPORTED
+
+TokenId = Annotated[int, Field(ge=0, strict=True)]  # below the vocabulary size too, checked against the tokenizer
+# One non-empty prompt per request: a text, a one-text list or token ids. The list's length and emptiness are
+# checked in code (clearer messages than a union's); the schema states them.
+_TEXT = {"type": "string", "minLength": 1}
+_PROMPT = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "description": "token ids"},
+    ]
+}
+Prompt = Annotated[str | list[str] | list[TokenId], WithJsonSchema(_PROMPT)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, strict=True)  # OpenAI's default for completions
+    UNSUPPORTED = COMPLETION_UNSUPPORTED
 
-    def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
-        return COMPLETION_UNSUPPORTED
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=1, strict=True)  # OpenAI's default for completions
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -172,14 +210,24 @@ class CompletionRequest(_Sampling):
             raise bad_request("only one prompt per request is supported", "prompt")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # refused by name in refuse_unsupported
+# Content parts are checked in refuse_unsupported (so a refusal names the part); the schema says what passes.
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+    "additionalProperties": False,
+}
+TextParts = Annotated[list[dict[str, Any]], WithJsonSchema({"type": "array", "items": _TEXT_PART})]
+
+
+class ChatMessage(_Refusing):
+    UNSUPPORTED = MESSAGE_UNSUPPORTED
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | TextParts | None = None
 
     def refuse_unsupported(self, where: str) -> None:
-        refuse_extra_fields(self.model_extra, MESSAGE_UNSUPPORTED, prefix=f"{where}.")
+        refuse_extra_fields(self.model_extra, self.UNSUPPORTED, prefix=f"{where}.")
         for j, part in enumerate(self.content if isinstance(self.content, list) else []):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad_request("only text content parts are supported", f"{where}.content[{j}]")
@@ -200,25 +248,18 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(
-        None, strict=True
-    )  # deprecated by OpenAI in favour of max_completion_tokens; both are honoured
-    max_completion_tokens: int | None = Field(None, strict=True)
+    UNSUPPORTED = CHAT_UNSUPPORTED
 
-    def _unsupported(self) -> Mapping[str, tuple[Any, ...]]:
-        return CHAT_UNSUPPORTED
+    messages: list[ChatMessage] = Field(min_length=1)
+    # deprecated by OpenAI in favour of max_completion_tokens; both are honoured
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         for i, message in enumerate(self.messages):
             message.refuse_unsupported(f"messages[{i}]")
         if self.max_completion_tokens is not None:
-            if self.max_completion_tokens < 1:
-                raise bad_request(
-                    f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}",
-                    "max_completion_tokens",
-                )
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise bad_request(
                     f"max_tokens ({self.max_tokens}) and max_completion_tokens ({self.max_completion_tokens}) "

@@ -13,6 +13,7 @@ Serve LLM's defaults effectively never add replicas.
 import asyncio
 import hmac
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -38,10 +39,14 @@ from serve.api import (
     sse,
     usage_chunk,
 )
+from serve.edge import install_error_handlers, parse_json, read_body, request_byte_limit
 from serve.engine import Engine, EngineFailedError, Event, Failed, Finished, GenerationRequest, TextDelta
+from serve.openapi import SECURED, body_of, error_responses, publish
 from serve.options import ServeOptions
 from serve.runner import ShardSpec, check_expert_split, serving_context
 from serve.sampling import SamplingParams
+
+log = logging.getLogger("ray.serve")
 
 HEALTH_PING_TIMEOUT_S = 10.0
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -164,11 +169,10 @@ class ModelServer:
 
 
 api = FastAPI(title="upmoe", description="OpenAI-compatible completions from an upmoe model")
-
-
-@api.exception_handler(OpenAIError)
-async def _openai_error(_: Request, err: OpenAIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+install_error_handlers(api)
+publish(api, [CompletionRequest, ChatRequest])
+# What a POST route may answer besides its completion; /v1/models only checks the key.
+POST_ERRORS = error_responses(400, 401, 404, 413, 415, 429, 503)
 
 
 def _describe(errors: Any) -> str:
@@ -179,11 +183,8 @@ def _describe(errors: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _parse(request: Request, model_cls: type) -> Any:
-    try:
-        payload = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+async def _parse(request: Request, model_cls: type, limit: int) -> Any:
+    payload = parse_json(await read_body(request, limit))
     if not isinstance(payload, dict):
         raise bad_request("the request body must be a JSON object")
     try:
@@ -204,7 +205,11 @@ def _at_capacity() -> OpenAIError:
 
 
 def _unavailable(exc: Exception) -> OpenAIError:
-    return OpenAIError(503, f"no model replica could serve the request: {exc}", type_="server_error")
+    # The client gets the kind of failure; the Ray traceback (paths, actor ids) only goes to the log.
+    log.warning("no model replica could serve a request: %s", exc)
+    return OpenAIError(
+        503, f"no model replica could serve the request ({type(exc).__name__}); retry later", type_="server_error"
+    )
 
 
 class _Backoff:
@@ -258,6 +263,7 @@ class OpenAIIngress:
         self.opts = ServeOptions(**options)
         self.tokenizer = Tokenizer.from_dir(self.opts.model_dir)
         self.max_seq_len = shard_spec(self.opts).max_seq_len
+        self.max_request_bytes = request_byte_limit(self.opts.max_request_bytes, self.max_seq_len)
 
     def _authorize(self, request: Request) -> None:
         if not self.opts.api_key:
@@ -277,11 +283,11 @@ class OpenAIIngress:
                 code="model_not_found",
             )
 
-    @api.get("/health")
+    @api.get("/health", include_in_schema=False)
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": self.opts.model_name})
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=error_responses(401), openapi_extra=SECURED)
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         card = {"id": self.opts.model_name, "object": "model", "created": 0, "owned_by": "upmoe"}
@@ -290,12 +296,12 @@ class OpenAIIngress:
     async def _accept(self, request: Request, model_cls: type) -> Any:
         """Authorise, parse and validate a POST body; refuse what this endpoint does not do."""
         self._authorize(request)
-        body = await _parse(request, model_cls)
+        body = await _parse(request, model_cls, self.max_request_bytes)
         body.refuse_unsupported()
         self._check_model(body.model)
         return body
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses=POST_ERRORS, openapi_extra=body_of(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         body: CompletionRequest = await self._accept(request, CompletionRequest)
         if isinstance(body.prompt, str):
@@ -308,7 +314,7 @@ class OpenAIIngress:
                 raise bad_request("prompt token ids must be in the vocabulary", "prompt")
         return await self._respond(body, prompt_ids, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", responses=POST_ERRORS, openapi_extra=body_of(ChatRequest))
     async def chat_completions(self, request: Request) -> Any:
         body: ChatRequest = await self._accept(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]

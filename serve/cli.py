@@ -29,6 +29,12 @@ def configure(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="tokens per sequence, prompt + output (default: model context)")
     p.add_argument("--max-queued-requests", type=int, help="per-replica queue; beyond it requests get 429 (default 64)")
     p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        help="refuse larger request bodies with 413 before parsing them "
+        "(default: 32 bytes per context token, at least 1 MiB)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights (default auto: bf16 on GPU, fp32 on CPU)",

@@ -25,6 +25,7 @@ class ServeOptions:
     max_batch_size: int = 16
     max_seq_len: int | None = None  # None: the model's context length
     max_queued_requests: int = 64
+    max_request_bytes: int | None = None  # None: from the context (serve.edge.request_byte_limit)
     dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -52,6 +53,7 @@ class ServeOptions:
         need(self.max_batch_size >= 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}")
         need(self.max_seq_len is None or self.max_seq_len >= 2, "--max-seq-len must be at least 2")
         need(self.max_queued_requests >= 1, "--max-queued-requests must be at least 1")
+        need(self.max_request_bytes is None or self.max_request_bytes >= 1, "--max-request-bytes must be positive")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown --dtype {self.dtype!r}")
         need(1 <= self.port <= 65535, f"--port {self.port} is not a TCP port")
 

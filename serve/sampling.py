@@ -36,8 +36,10 @@ def logits_to_probs(logits_V: torch.Tensor, temperature: float, top_p: float) ->
     if top_p >= 1.0:
         return probs_V
     sorted_probs, order = torch.sort(probs_V, descending=True)
-    # Keep a token if the mass before it is still below top_p (so the most likely token is always kept).
+    # Keep a token if the mass before it is still below top_p, and the most likely token always: a top_p
+    # below float32's smallest number (5e-324 is valid JSON) would otherwise keep none, and sampling would fail.
     keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    keep_sorted[..., 0] = True
     kept = torch.zeros_like(probs_V).scatter(-1, order, sorted_probs * keep_sorted)
     return kept / kept.sum()
 

@@ -157,6 +157,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=3 is not supported"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
+    ("/v1/completions", b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode(), 400, "NaN"),
+    ("/v1/completions", b"[" * 50_000 + b"]" * 50_000, 400, "nested too deeply"),
     ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800abc"}' % MODEL.encode(), 400, "lone UTF-16 surrogate"),
     (
         "/v1/chat/completions",
@@ -185,6 +187,27 @@ def test_bad_input_gets_an_openai_error(url, path, body, status, words):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert words in error["message"] and error["type"]
+
+
+def test_hostile_http_gets_openai_errors_before_any_model_work(url):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    as_json = {**auth, "Content-Type": "application/json"}
+    form = {**auth, "Content-Type": "application/x-www-form-urlencoded"}  # what curl -d sends
+    # The 10 MB prompt: refused for its size (the limit is 1 MiB here), not tokenised into 3.5 M tokens.
+    huge = json.dumps({"model": MODEL, "prompt": "hi " * 3_500_000}).encode()
+    chunks = [huge[i : i + 65536] for i in range(0, len(huge), 65536)]
+    cases = [
+        (httpx.post(f"{url}/v1/completions", content=huge, headers=as_json, timeout=60), 413),
+        (httpx.post(f"{url}/v1/completions", content=iter(chunks), headers=as_json, timeout=60), 413),  # chunked
+        (httpx.post(f"{url}/v1/completions", content=b"model=x", headers=form), 415),
+        (httpx.get(f"{url}/v1/nowhere", headers=auth), 404),
+        (httpx.get(f"{url}/v1/completions", headers=auth), 405),
+        (httpx.delete(f"{url}/v1/models", headers=auth), 405),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, (response.request.method, response.request.url, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 COMPLETION, CHAT = "/v1/completions", "/v1/chat/completions"

@@ -50,6 +50,7 @@ def test_bad_input_fails_fast_with_a_clear_message(moe_dir: Path, tmp_path: Path
         ((str(moe_dir), "--ep", "3"), "--ep 3 must divide the routed expert count 64"),
         ((str(moe_dir), "--min-replicas", "3", "--max-replicas", "2"), "--min-replicas"),
         ((str(moe_dir), "--max-seq-len", "100000"), "exceeds the model's context"),
+        ((str(moe_dir), "--max-request-bytes", "0"), "--max-request-bytes must be positive"),
         ((str(moe_dir), "--bogus", "1"), "unrecognized arguments"),
     ]
     for args, words in cases:

@@ -58,6 +58,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = logits_to_probs(logits, 1.0, 0.7)
     assert torch.allclose(probs, torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8)
     assert logits_to_probs(logits, 1.0, 0.01)[0] == 1.0  # the most likely token always survives
+    # even when top_p is below float32's smallest number (found by the endpoint fuzzer: it killed the engine)
+    tiny = SamplingParams(temperature=1.0, top_p=5e-324, seed=1)
+    assert sample(logits, tiny, make_generator(tiny)) == 0
 
 
 def test_seeded_sampling_repeats_and_greedy_is_argmax():
