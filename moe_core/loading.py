@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe_core.checkpoint_io import CheckpointError, TensorReader, save_hf_dir
 from moe_core.config import ModelConfig, read_model_config
@@ -67,13 +69,22 @@ def load_model(
             cfg, expert_backend=expert_backend, first_expert=first_expert, num_local_experts=num_local_experts
         )
     model.to(parse_dtype(dtype))  # on meta, free: the weights are then allocated once, in their dtype
+    materialise_and_fill(model, model_dir, device)
+    return model
+
+
+def materialise_and_fill(model: CausalLM, model_dir: str | Path, device: torch.device | str) -> None:
+    """Allocate a model built on the meta device on ``device`` and fill it from MODEL_DIR's safetensors.
+
+    The model may be sharded already (FSDP2's ``fully_shard`` on meta): each process then allocates and reads
+    only its own shard of every parameter, so nothing is ever whole on a device.
+    """
     model.to_empty(device=device)
     model.tie_weights()
     model.reset_buffers()
     with TensorReader(model_dir) as reader:
-        check_keys(reader, cfg, model_dir)
+        check_keys(reader, model.config, Path(model_dir))
         fill_parameters(model, reader)
-    return model
 
 
 def check_keys(reader: TensorReader, cfg: ModelConfig, model_dir: Path) -> None:
@@ -98,24 +109,47 @@ def check_keys(reader: TensorReader, cfg: ModelConfig, model_dir: Path) -> None:
 def fill_parameters(model: CausalLM, reader: TensorReader) -> None:
     first = model.expert_placement.first
     for name, param in model.named_parameters():
+        part, row = local_rows(param)
+        if part.numel() == 0:
+            continue  # an FSDP2 shard past the end of a short dimension
         stacked = stacked_param(name)
         if stacked is None:
-            param.copy_(_read(reader, name, tuple(param.shape), param.dtype))
+            part.copy_(_read(reader, name, tuple(param.shape), param.dtype, rows=(row, row + part.shape[0])))
             continue
         layer, kind = stacked
-        for local in range(param.shape[0]):
-            for key, rows in expert_rows(kind, layer, first + local, param.shape[1]):
-                part = param[local, rows]
-                part.copy_(_read(reader, key, tuple(part.shape), param.dtype))
+        for local in range(part.shape[0]):
+            for key, rows in expert_rows(kind, layer, first + row + local, param.shape[1]):
+                dst = part[local, rows]
+                dst.copy_(_read(reader, key, tuple(dst.shape), param.dtype))
 
 
-def _read(reader: TensorReader, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The part of ``param`` this process holds and the index of its first row: all of it, or for a DTensor
+    sharded on dim 0 (FSDP2's layout) the local shard and its offset in the whole tensor."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    if any(not (p.is_shard(0) or p.is_replicate()) for p in param.placements):
+        raise ValueError(f"cannot load a parameter placed as {param.placements}: only dim-0 shards are read")
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.to_local(), offset[0]
+
+
+def _read(
+    reader: TensorReader,
+    key: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``key`` (or its dim-0 ``rows``), after checking the whole tensor has the ``shape`` the config implies."""
     found = tuple(reader.shape(key))
     if found != shape:
         raise CheckpointError(
             f"{reader.file_of(key)}: tensor {key} has shape {list(found)} but config.json implies {list(shape)}"
         )
-    return reader.get(key, dtype=dtype)
+    if rows is None or rows == (0, shape[0]):
+        return reader.get(key, dtype=dtype)
+    return reader.get_slice(key, *rows, dtype=dtype)
 
 
 def model_hf_tensors(model: CausalLM, dtype: torch.dtype | None = None) -> Iterable[tuple[str, torch.Tensor]]:

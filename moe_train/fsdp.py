@@ -36,6 +36,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from moe_core.host_reads import floats
+from moe_core.loading import materialise_and_fill
 from moe_core.model import CausalLM
 from moe_core.state_dict_adapter import is_expert_param
 from moe_train.config import TrainConfig
@@ -116,10 +117,17 @@ class FsdpStepper:
         world: int,
         loss_fn: LossFn,
         meshes: Meshes | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        device_type = next(model.parameters()).device.type
-        self.meshes = meshes or build_meshes(device_type, world, cfg.ep if groups is not None else 1)
-        apply_fsdp(model, self.meshes, mixed_precision(device_type))
+        """A model on the meta device (``loop.build_rank_model``'s) is sharded there, then allocated on
+        ``device`` and filled from ``cfg.model``, each rank reading only its shards; a materialised one (the
+        planner's) is sharded in place."""
+        on_meta = next(model.parameters()).is_meta
+        device = torch.device(device or "cpu") if on_meta else next(model.parameters()).device
+        self.meshes = meshes or build_meshes(device.type, world, cfg.ep if groups is not None else 1)
+        apply_fsdp(model, self.meshes, mixed_precision(device.type))
+        if on_meta:
+            materialise_and_fill(model, cfg.model, device)
         self.model, self.groups, self.cfg, self.world, self.loss_fn = model, groups, cfg, world, loss_fn
         self.opt = build_adamw(model.parameters(), cfg)
         self.expert_params = [p for layer in model.model.layers if layer.is_moe for p in layer.mlp.experts.parameters()]

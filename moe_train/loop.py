@@ -70,22 +70,22 @@ def worker_device(cfg: TrainConfig) -> torch.device:
 
 
 def build_rank_model(cfg: TrainConfig, rank: int, world: int) -> tuple[CausalLM, Any]:
+    """This rank's model (its block of experts) and its process groups (None for a dense model)."""
     probe = model_config_for(cfg)
-    device = worker_device(cfg)
-    if not probe.is_moe:
-        return load_model(cfg.model, device=device, config=probe).train(), None
-    layout = ParallelLayout(world_size=world, ep_size=cfg.ep, num_experts=probe.num_experts)
-    groups = build_process_groups(layout)
-    model = load_model(
-        cfg.model,
-        device=device,
-        first_expert=layout.first_expert(rank),
-        num_local_experts=layout.experts_per_rank,
-        config=probe,
-    ).train()
-    if layout.ep_size > 1:
+    groups, first, count = None, 0, None
+    if probe.is_moe:
+        layout = ParallelLayout(world_size=world, ep_size=cfg.ep, num_experts=probe.num_experts)
+        groups = build_process_groups(layout)
+        first, count = layout.first_expert(rank), layout.experts_per_rank
+    if cfg.sharding == "fsdp":  # left on meta: FsdpStepper shards it first, then each rank reads only its shards
+        with torch.device("meta"):
+            model = CausalLM(probe, first_expert=first, num_local_experts=count)
+    else:
+        device = worker_device(cfg)
+        model = load_model(cfg.model, device=device, first_expert=first, num_local_experts=count, config=probe)
+    if groups is not None and groups.layout.ep_size > 1:
         install_expert_parallel(model, groups)
-    return model, groups
+    return model.train(), groups
 
 
 def global_aux_loss(routings: list[Routing]) -> torch.Tensor:
@@ -166,7 +166,8 @@ def build_stepper(
     if cfg.sharding == "fsdp":
         from moe_train.fsdp import FsdpStepper
 
-        return FsdpStepper(model, groups, cfg, world, loss_fn, meshes)
+        on_meta = next(model.parameters()).is_meta  # build_rank_model's, to be allocated on this worker's device
+        return FsdpStepper(model, groups, cfg, world, loss_fn, meshes, device=worker_device(cfg) if on_meta else None)
     if cfg.zero_stage == 0:
         return PlainStepper(model, groups, cfg, world, loss_fn)
     from moe_train.zero import ZeroStepper  # imports DeepSpeed: only for runs that use it

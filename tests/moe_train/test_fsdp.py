@@ -97,3 +97,30 @@ def test_sharding_option() -> None:
         load_train_config(None, {**base, "sharding": "fsdp", "zero_stage": 1})
     with pytest.raises(ValueError, match="--sharding must be one of"):
         load_train_config(None, {**base, "sharding": "zero3"})
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_each_rank_reads_only_its_shards_of_the_checkpoint(tmp_path: Path, rank: int) -> None:
+    """Rank ``rank`` of EP2 × DP2 (a fake process group): the model is sharded on meta, then only this rank's
+    shards are allocated and read, and each equals its slice of the whole checkpoint."""
+    from moe_core.fake_devices import fake_world
+    from moe_core.loading import load_model, local_rows
+    from moe_train.loop import build_rank_model, build_stepper
+
+    model_dir = parity_model(tmp_path / "model")
+    params = parity_config(model_dir, world=4, ep=2, zero_stage=0, grad_accum=1, grad_clip=0.0, sharding="fsdp")
+    cfg = TrainConfig(**params)
+    with fake_world(4, rank=rank):
+        model, groups = build_rank_model(cfg, rank, 4)
+        assert all(p.is_meta for p in model.parameters())
+        build_stepper(cfg, model, groups, 4)
+        first, count = groups.layout.first_expert(rank), groups.layout.experts_per_rank
+        whole = dict(load_model(model_dir, first_expert=first, num_local_experts=count).named_parameters())
+        held = 0
+        for name, param in model.named_parameters():
+            part, row = local_rows(param)
+            assert part.device.type == "cpu"
+            assert torch.equal(part, whole[name][row : row + part.shape[0]]), name
+            held += part.numel()
+    rank_model = sum(p.numel() for p in whole.values())
+    assert held <= rank_model // 2 + 4096  # non-experts over 4 ranks, experts over their 2 expert-DP ranks
