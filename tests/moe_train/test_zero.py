@@ -63,8 +63,22 @@ def _worker(rank: int, world: int, configs: dict[str, dict], out_dir: str) -> No
         if case.endswith(WRONG_GROUP):
             _mark_experts_with_world_group()
         torch.save(train_rank(rank, world, TrainConfig(**config)), f"{out_dir}/{case}-rank{rank}.pt")
+        if case == PARTITIONED:
+            torch.save(_partitions(rank, world, TrainConfig(**config)), f"{out_dir}/partitions-rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _partitions(rank: int, world: int, cfg: TrainConfig) -> dict[str, tuple[int, int]]:
+    """Each ZeRO parameter group of this rank: (elements in the group, elements of its fp32 partition here)."""
+    from moe_train.loop import build_rank_model, build_stepper
+
+    model, groups = build_rank_model(cfg, rank, world)
+    opt = build_stepper(cfg, model, groups, world).engine.optimizer
+    return {
+        group["name"]: (sum(p.numel() for p in opt.bit16_groups[i]), opt.single_partition_of_fp32_groups[i].numel())
+        for i, group in enumerate(opt.optimizer.param_groups)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +96,9 @@ CASES = {
     # Last in its world: the marking stays off for the rest of the process.
     "ep2xdp2-zero2-clip" + WRONG_GROUP: (4, 2, 2, 1, 0.5),
 }
+
+
+PARTITIONED = "ep2xdp2-zero2-clip"  # the case whose optimizer partitions are recorded too
 
 
 def _case_config(model_dir: Path, case: str) -> dict:
@@ -112,6 +129,19 @@ def test_zero_matches_single_process(case: str, runs: dict[int, Path], model_dir
             assert diffs["grads"] > 100 * TOL and diffs["weights"] > 10 * TOL, diffs
         else:
             assert_matches(diffs, f"{case} rank {rank}")
+
+
+@pytest.mark.slow
+def test_zero2_partitions_expert_state_over_the_expert_dp_group(runs: dict[int, Path]) -> None:
+    """EP2 × DP2, ZeRO-2: non-expert gradients and fp32 state are split 4 ways, the experts' over the 2 ranks that
+    hold the same experts (DeepSpeed's MoE groups), so every rank keeps a quarter and a half respectively."""
+    for rank in range(4):
+        parts = torch.load(runs[4] / f"partitions-rank{rank}.pt")
+        assert set(parts) == {"dense", "ep_size_2"}, parts
+        total, mine = parts["dense"]
+        assert mine == -(-total // 4), parts  # DeepSpeed pads the flat group to a multiple of the ranks
+        total, mine = parts["ep_size_2"]
+        assert mine == -(-total // 2), parts
 
 
 def test_zero_stage_option(tmp_path: Path) -> None:
