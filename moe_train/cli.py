@@ -171,8 +171,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
         "Stream a training run's checkpoint (any --sharding) into an HF directory that transformers, vLLM and "
         "upmoe load; the host holds about one decoder layer at a time."
     )
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="the run's --out directory (holds train_config.json and ray/)")
+    p.add_argument("out_dir", type=Path, help="the HF directory to write (written whole, or not at all)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument(
         "--dtype",
