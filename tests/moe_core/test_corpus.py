@@ -50,7 +50,7 @@ def test_default_sizes(train: str, eval_text: str) -> None:
     for text, split in ((train, "train"), (eval_text, "eval")):
         target = DEFAULT_NUM_CHARS[split]
         assert 0.99 * target <= len(text) <= target
-    assert DEFAULT_NUM_CHARS == {"train": 2_000_000, "eval": 200_000}
+    assert DEFAULT_NUM_CHARS == {"train": 2_000_000, "eval": 200_000, "valid": 200_000}
 
 
 def test_generation_is_fast() -> None:
