@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +92,27 @@ SETTINGS: tuple[Setting, ...] = (
         corpus="fresh",
         lr=3e-3,
     ),
+    _dense("fresh-dense-lr6e-3", "above the pretraining peak LR, baseline", corpus="fresh", lr=6e-3),
+    _moe(
+        "fresh-preserve-norm-lr6e-3",
+        "above the pretraining peak LR",
+        init="preserve",
+        norm=True,
+        corpus="fresh",
+        lr=6e-3,
+    ),
+    _dense("fresh-dense-lr3e-3-seed1", "noise: another data order", corpus="fresh", lr=3e-3, seed=1),
+    _moe(
+        "fresh-preserve-norm-lr3e-3-seed1",
+        "noise: another data order",
+        init="preserve",
+        norm=True,
+        corpus="fresh",
+        lr=3e-3,
+        seed=1,
+    ),
+    _moe("fresh-vgroup-lr3e-3", "NVIDIA virtual groups, no re-init", init="virtual-group", corpus="fresh", lr=3e-3),
+    _moe("fresh-drop-lr3e-3", "Drop-Upcycling, r=0.5", init="drop-upcycling", corpus="fresh", lr=3e-3),
     _moe("fresh-drop-lr1e-3", "Drop-Upcycling, r=0.5", init="drop-upcycling", corpus="fresh"),
     _moe("fresh-vgroup-lr1e-3", "NVIDIA virtual groups, no re-init", init="virtual-group", corpus="fresh"),
     _moe("fresh-qwen2-r0-lr1e-3", "qwen2 without re-init", reinit=0.0, corpus="fresh"),
@@ -150,11 +172,13 @@ def _data(out: Path, corpus: str) -> str:
 def _run_setting(out: Path, base: Path, s: Setting, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     plan = Plan(0, args.train_steps * s.steps_scale, args.micro_batch)
-    model = base
+    model, run_dir = base, out / "runs" / s.name
+    # A re-run starts over: `upmoe train` would otherwise resume the old run's checkpoint.
+    shutil.rmtree(run_dir, ignore_errors=True)
     if s.recipe is not None:
         model = out / "moe" / s.name
+        shutil.rmtree(model, ignore_errors=True)
         upcycle(base, model, s.recipe)
-    run_dir = out / "runs" / s.name
     rows = continue_training(
         model,
         run_dir,
@@ -194,9 +218,11 @@ def _save(path: Path, results: dict[str, dict[str, Any]]) -> None:
 
 
 def _dense_at(results: dict[str, dict[str, Any]], r: dict[str, Any]) -> dict[str, Any] | None:
-    """The dense run with the same learning rate, corpus and token count as ``r``: its equal-tokens baseline."""
+    """The dense run with the same LR, warm-up, seed, corpus and token count as ``r``: its equal-tokens baseline."""
     for d in results.values():
-        same = d["schedule"]["lr"] == r["schedule"]["lr"] and d["tokens"] == r["tokens"]
+        same = d["tokens"] == r["tokens"] and all(
+            d["schedule"].get(k, 0) == r["schedule"].get(k, 0) for k in ("lr", "warmup", "seed")
+        )
         if d["model"] == "dense" and same and d.get("corpus", "replay") == r.get("corpus", "replay"):
             return d
     return None
@@ -209,7 +235,9 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
     lines = [head]
     for r in results.values():
         rec, sch = r["recipe"], r["schedule"]
-        recipe = "dense" if rec is None else f"{rec['init']}, {rec['reinit_ratio']}, {rec['router_std']}"
+        # virtual-group re-initialises nothing, whatever the ratio says
+        reinit = "-" if rec and rec["init"] == "virtual-group" else rec and rec["reinit_ratio"]
+        recipe = "dense" if rec is None else f"{rec['init']}, {reinit}, {rec['router_std']}"
         recipe += ", norm top-k" if rec and rec.get("norm_topk_prob") else ""
         sched = f"{sch['lr']:g}, {sch['warmup']}" + ("" if rec is None else f", {sch['aux_coef']:g}")
         base = _dense_at(results, r)

@@ -133,9 +133,10 @@ class Schedule:
     lr: float = 1e-3
     warmup: int = 10
     aux_coef: float = 0.001  # MoE only: the global load-balancing loss
+    seed: int = 0  # data order: another seed measures how much of a gap is noise
 
     def train_args(self, moe: bool) -> tuple[str, ...]:
-        args = ("--workers", "2", "--lr", str(self.lr), "--warmup", str(self.warmup))
+        args = ("--workers", "2", "--lr", str(self.lr), "--warmup", str(self.warmup), "--seed", str(self.seed))
         return (*args, "--ep", "2", "--aux-loss", "global", "--aux-coef", str(self.aux_coef)) if moe else args
 
 
