@@ -140,11 +140,11 @@ class Schedule:
         return (*args, "--ep", "2", "--aux-loss", "global", "--aux-coef", str(self.aux_coef)) if moe else args
 
 
-# The setting docs/upcycling.md's study chose on the valid split (bench/upcycling_study.py); FRESH_CHARS of
-# unseen text cover 3x the default continued tokens without repeating a block.
-DEMO_RECIPE = Recipe()
-DEMO_SCHEDULE = Schedule()
-FRESH_CHARS = 8_000_000
+# The setting docs/upcycling.md's study chose on the valid split (bench/upcycling_study.py).
+DEMO_RECIPE = Recipe(init="preserve", norm_topk_prob=True)
+DEMO_SCHEDULE = Schedule(lr=6e-3)
+# The embedded corpus has ~3.1 characters per token: 4 per continued token leave every block unrepeated.
+CHARS_PER_TOKEN = 4
 
 
 def fresh_corpus(path: Path, num_chars: int) -> Path:
@@ -299,7 +299,7 @@ def run(name: str, args: argparse.Namespace) -> int:
         upcycle(dense, moe0, DEMO_RECIPE)
 
         _stage(3, f"continue pretraining both on the same {plan.continued_tokens:,} unseen tokens: MoE with EP=2")
-        data = str(fresh_corpus(out / "corpus" / "fresh.txt", FRESH_CHARS))
+        data = str(fresh_corpus(out / "corpus" / "fresh.txt", CHARS_PER_TOKEN * plan.continued_tokens))
         every = -(-plan.train_steps // 8)  # 8 points on each curve, besides step 0
         train_runs = {"moe": (moe0, runs / "moe", True), "dense": (dense, runs / "dense", False)}
         rows = {
