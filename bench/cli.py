@@ -15,6 +15,10 @@ BENCHMARKS = {
         "training forward and serving of a layout on fake CUDA devices: CPU/CUDA mixes, collectives, dtypes",
     ),
     "export": ("bench.export", "peak RSS and time of upmoe export on a sharded checkpoint of an upcycled shape"),
+    "upcycling-study": (
+        "bench.upcycling_study",
+        "does upcycling pay at the demo's scale: dense vs MoE continued training over LR, init, aux, tokens",
+    ),
     "upcycle": ("bench.upcycle", "upcycle a random dense checkpoint vs copying the same bytes: time, GB/s, RSS"),
 }
 

@@ -24,9 +24,10 @@ from moe_core.fileutil import write_text_atomic
 
 __all__ = ["DEFAULT_NUM_CHARS", "SPLIT_SEEDS", "embedded_corpus", "number_to_words", "write_embedded_corpus"]
 
-# Different seeds per split so that eval text is not a verbatim copy of train text.
-SPLIT_SEEDS: dict[str, int] = {"train": 20_240_611, "eval": 77_031_919}
-DEFAULT_NUM_CHARS: dict[str, int] = {"train": 2_000_000, "eval": 200_000}
+# Different seeds per split so that eval text is not a verbatim copy of train text. "valid" is for choosing
+# settings (learning rates, inits: bench/upcycling_study.py), so that "eval" stays held out and is only reported.
+SPLIT_SEEDS: dict[str, int] = {"train": 20_240_611, "eval": 77_031_919, "valid": 31_415_926}
+DEFAULT_NUM_CHARS: dict[str, int] = {"train": 2_000_000, "eval": 200_000, "valid": 200_000}
 
 T = TypeVar("T")
 
@@ -575,7 +576,7 @@ def _document(rng: random.Random) -> str:
 
 
 def embedded_corpus(split: str = "train", num_chars: int | None = None) -> str:
-    """Return the embedded corpus for ``split`` ("train" or "eval").
+    """Return the embedded corpus for ``split`` ("train", "eval" or "valid").
 
     Whole documents are appended (separated by a blank line, ending in a newline) while the text stays
     within ``num_chars``; the result is therefore a little shorter than requested, never longer, and a
@@ -605,11 +606,11 @@ def embedded_corpus(split: str = "train", num_chars: int | None = None) -> str:
 
 
 def write_embedded_corpus(out_dir: str | Path) -> dict[str, Path]:
-    """Write ``train.txt`` and ``eval.txt`` (default sizes) into ``out_dir`` and return their paths."""
+    """Write ``train.txt``, ``eval.txt`` and ``valid.txt`` (default sizes) into ``out_dir``; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for split in ("train", "eval"):
+    for split in SPLIT_SEEDS:
         path = out / f"{split}.txt"
         write_text_atomic(path, embedded_corpus(split))
         paths[split] = path

@@ -36,7 +36,7 @@ import ray
 import ray.data
 import torch
 
-from moe_core.corpus import embedded_corpus, write_embedded_corpus
+from moe_core.corpus import SPLIT_SEEDS, embedded_corpus, write_embedded_corpus
 from moe_core.tokenizer import Tokenizer
 from moe_train.config import EMBEDDED
 
@@ -100,14 +100,15 @@ def _embedded_path(split: str) -> str:
 
 
 def _embedded_split(item: str) -> str | None:
-    """``embedded`` → train, ``embedded:train`` / ``embedded:eval`` → that split; anything else → None."""
+    """``embedded`` → train, ``embedded:train`` / ``:eval`` / ``:valid`` → that split; anything else → None."""
     if item == EMBEDDED:
         return "train"
     if not item.startswith(EMBEDDED + ":"):
         return None
     split = item.split(":", 1)[1]
-    if split not in ("train", "eval"):
-        raise DataError(f"--data item {item!r}: unknown embedded split {split!r}; expected 'train' or 'eval'")
+    if split not in SPLIT_SEEDS:
+        expected = ", ".join(repr(s) for s in SPLIT_SEEDS)
+        raise DataError(f"--data item {item!r}: unknown embedded split {split!r}; expected one of {expected}")
     return split
 
 

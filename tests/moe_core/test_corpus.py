@@ -47,10 +47,10 @@ def test_pinned_digest() -> None:
 
 
 def test_default_sizes(train: str, eval_text: str) -> None:
-    for text, split in ((train, "train"), (eval_text, "eval")):
+    for text, split in ((train, "train"), (eval_text, "eval"), (embedded_corpus("valid"), "valid")):
         target = DEFAULT_NUM_CHARS[split]
         assert 0.99 * target <= len(text) <= target
-    assert DEFAULT_NUM_CHARS == {"train": 2_000_000, "eval": 200_000}
+    assert DEFAULT_NUM_CHARS == {"train": 2_000_000, "eval": 200_000, "valid": 200_000}
 
 
 def test_generation_is_fast() -> None:
@@ -87,9 +87,10 @@ def test_plain_ascii_and_document_structure(train: str) -> None:
 def test_splits_differ(train: str, eval_text: str) -> None:
     assert not train.startswith(eval_text[:1000])
     train_docs = set(train.split("\n\n"))
-    eval_docs = eval_text.split("\n\n")
-    overlap = sum(doc in train_docs for doc in eval_docs) / len(eval_docs)
-    assert overlap < 0.05
+    for held_out in (eval_text, embedded_corpus("valid")):
+        docs = held_out.split("\n\n")
+        assert sum(doc in train_docs for doc in docs) / len(docs) < 0.05
+    assert embedded_corpus("valid") != eval_text  # tuning on valid leaves eval held out
 
 
 def test_variety(train: str) -> None:
@@ -156,7 +157,7 @@ def test_counting_sequences_are_correct(train: str) -> None:
 def test_write_embedded_corpus(tmp_path: Path) -> None:
     out = tmp_path / "data" / "corpus"
     paths = write_embedded_corpus(out)
-    assert set(paths) == {"train", "eval"}
+    assert set(paths) == {"train", "eval", "valid"}
     assert paths["train"] == out / "train.txt" and paths["eval"] == out / "eval.txt"
     assert paths["eval"].read_text(encoding="utf-8") == embedded_corpus("eval")
     assert paths["train"].stat().st_size == len(embedded_corpus("train"))
@@ -164,7 +165,7 @@ def test_write_embedded_corpus(tmp_path: Path) -> None:
     paths["eval"].write_text("stale", encoding="utf-8")
     write_embedded_corpus(out)
     assert paths["eval"].read_text(encoding="utf-8") == embedded_corpus("eval")
-    assert sorted(p.name for p in out.iterdir()) == ["eval.txt", "train.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.txt", "train.txt", "valid.txt"]
 
 
 PINNED_TRAIN_50K_SHA256 = "3522d69ae56efe7e48d9390bf2bbdb7cf6cd7638011d79610c3bb000658fc1bb"

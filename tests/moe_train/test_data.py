@@ -160,6 +160,8 @@ def test_resolve_embedded_writes_cache_and_repairs_stale_files(cache: Path) -> N
     assert train == [str((cache / "corpus" / "train.txt").resolve())]
     assert eval_ == [str((cache / "corpus" / "eval.txt").resolve())]
     assert resolve_inputs("embedded:train") == train
+    # The tuning split of bench/upcycling_study.py, written alongside.
+    assert resolve_inputs("embedded:valid") == [str((cache / "corpus" / "valid.txt").resolve())]
     Path(train[0]).write_text("stale", encoding="utf-8")
     resolve_inputs("embedded")
     assert Path(train[0]).read_text(encoding="utf-8") == embedded_corpus("train")
