@@ -583,10 +583,10 @@ class _ShardFlusher:
     def open(self, specs: list[TensorSpec]) -> tuple[Any, dict[str, int]]:
         """A shard file with its header written and its full size allocated, and where each tensor goes."""
         header, offsets = _shard_layout(specs, self.metadata)
-        path = self._next_path(sum(s.nbytes for s in specs))
-        f = path.open("wb")
+        nbytes = sum(s.nbytes for s in specs)
+        f = self._next_path(nbytes).open("wb")
         f.write(struct.pack("<Q", len(header)) + header)
-        f.truncate(8 + len(header) + sum(s.nbytes for s in specs))
+        f.truncate(8 + len(header) + nbytes)
         return f, offsets
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from train_parity import ADAM_BETAS, CONDITION, MAX_ILL_FRACTION, adam_step_bound, parity_model
+from train_parity import MAX_ILL_FRACTION, adam_step_bound, ill_conditioned, parity_model
 
 from moe_core.loading import load_model, save_model
 from moe_train.config import TrainConfig
@@ -132,19 +132,13 @@ def test_resume_in_another_layout_ends_like_the_uninterrupted_run(
 
 
 def _ill_conditioned(state: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-    """Model key -> the elements whose AdamW update is ill-conditioned: √v̂ below ``CONDITION`` · its tensor's RMS
-    (its expert's, for expert tensors), where the exact gradient is about zero and the update is rounding noise
-    amplified by Adam (attention's key bias is the usual case: softmax ignores it)."""
-    masks = {}
-    for key in state:
-        if not key.startswith("model."):
-            continue
-        name = key[len("model.") :]
-        root_v = (state[f"optim.state.{name}.exp_avg_sq"].double() / (1 - ADAM_BETAS[1] ** step)).sqrt()
-        dims = tuple(range(1, root_v.ndim)) if ".mlp.experts." in name else tuple(range(root_v.ndim))
-        rms = root_v.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else root_v.abs()
-        masks[key] = (root_v > 0) & (root_v < CONDITION * rms)  # never-touched elements (v = 0) move alike
-    return masks
+    """Model key -> the elements whose AdamW update is ill-conditioned, where the exact gradient is about zero and
+    the update is rounding noise amplified by Adam (attention's key bias is the usual case: softmax ignores it)."""
+    return {
+        key: ill_conditioned(key[len("model.") :], state[f"optim.state.{key[len('model.') :]}.exp_avg_sq"], step)
+        for key in state
+        if key.startswith("model.")
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -51,6 +51,16 @@ def adam_step_bound(step: int, betas: tuple[float, float] = ADAM_BETAS) -> float
     return math.sqrt(sum(wk * wk / uk for wk, uk in zip(w, u, strict=True)))
 
 
+def ill_conditioned(name: str, exp_avg_sq: torch.Tensor, step: int, beta2: float = ADAM_BETAS[1]) -> torch.Tensor:
+    """The elements of parameter ``name`` whose AdamW update is ill-conditioned after ``step`` steps: √v̂ above 0
+    but below ``CONDITION`` · the RMS of √v̂ over its tensor."""
+    root_v = (exp_avg_sq / (1 - beta2**step)).sqrt()
+    # Each expert is a tensor of its own: a rarely routed one has small gradients, not noisy ones.
+    dims = tuple(range(1, root_v.ndim)) if is_expert_param(name) else tuple(range(root_v.ndim))
+    rms = root_v.pow(2).mean(dim=dims, keepdim=True).sqrt()
+    return (root_v > 0) & (root_v < CONDITION * rms)
+
+
 class ConditioningTracker:
     """Follows a reference torch AdamW: which elements' updates were ill-conditioned, and the bound on drift."""
 
@@ -69,11 +79,7 @@ class ConditioningTracker:
                 state = self.opt.state[p]
                 step = int(state["step"])
                 name = self.names[p]
-                root_v = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt()
-                # Each expert is a tensor of its own: a rarely routed one has small gradients, not noisy ones.
-                dims = tuple(range(1, root_v.ndim)) if is_expert_param(name) else tuple(range(root_v.ndim))
-                rms = root_v.pow(2).mean(dim=dims, keepdim=True).sqrt()
-                self.ill[name] |= (root_v > 0) & (root_v < CONDITION * rms)
+                self.ill[name] |= ill_conditioned(name, state["exp_avg_sq"], step, beta2)
         lr = max(group["lr"] for group in self.opt.param_groups)
         # Both runs may move an ill-conditioned element this far, in opposite directions.
         self.drift_bound += 2 * lr * adam_step_bound(step)
