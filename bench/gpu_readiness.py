@@ -30,6 +30,7 @@ from moe_core.fake_devices import (
     meta_model,
     residual_dtype_checked,
 )
+from moe_core.kv_cache import DEFAULT_BLOCK_SIZE, StepRow, blocks_for
 from moe_core.state_dict_adapter import expert_block
 
 
@@ -101,28 +102,34 @@ def check_training_forward(
 
 
 def check_serving(
-    cfg: ModelConfig, *, ep: int, num_slots: int, max_seq_len: int, prompt_lens: list[int], decode_steps: int
+    cfg: ModelConfig, *, ep: int, max_seq_len: int, prompt_lens: list[int], decode_steps: int
 ) -> CheckResult:
-    """Rank 0 of an EP gang: load-free shard in bf16 on fake CUDA, one prefill of ``prompt_lens``, then decodes."""
+    """Rank 0 of an EP gang: load-free shard in bf16 on fake CUDA; one step prefilling the prompts, then steps
+    mixing a decode token per sequence with a second chunk of the first prompt (chunked prefill)."""
     from serve.gang import install_token_sharding
     from serve.runner import ModelShard, ShardSpec
 
     started = time.perf_counter()
     device = torch.device("cuda:0")
     per_rank = expert_block(cfg.num_experts, ep, 0)[1] if cfg.is_moe else None
+    per_seq = blocks_for(max_seq_len, DEFAULT_BLOCK_SIZE)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompt_lens))]
     # "cuda:0", not "cuda": resolving a bare "cuda" asks the (absent) CUDA runtime for the current device.
-    spec = ShardSpec("fake", num_slots, max_seq_len, torch.bfloat16, "cuda:0", ep_rank=0, ep_size=ep)
+    spec = ShardSpec("fake", per_seq * len(prompt_lens), max_seq_len, torch.bfloat16, "cuda:0", ep_rank=0, ep_size=ep)
     model = meta_model(cfg, torch.bfloat16, 0, per_rank)
     with fake_world(ep), fake_cuda(), checked_collectives(device) as calls:
         shard = ModelShard(spec, model=materialise(model, spec.device))
         if ep > 1:
             install_token_sharding(shard.model, dist.group.WORLD, ep, 0)
-        slots = list(range(len(prompt_lens)))
+        lengths = list(prompt_lens)
         with residual_dtype_checked(shard.model):
-            out = shard.prefill([[1] * n for n in prompt_lens], slots)
+            out = shard.step([StepRow([1] * n, 0, tables[i]) for i, n in enumerate(lengths)])
             for _ in range(decode_steps):
-                out = shard.decode([1] * len(slots), slots)
-        detail = f"logits {list(out.logits_BV.shape)} {out.logits_BV.dtype} on {out.logits_BV.device}"
+                rows = [StepRow([1], n, tables[i]) for i, n in enumerate(lengths[1:], start=1)]
+                rows.append(StepRow([1] * 3, lengths[0], tables[0], logits="all"))  # a chunk among decodes
+                out = shard.step(rows)
+                lengths = [lengths[0] + 3] + [n + 1 for n in lengths[1:]]
+        detail = f"logits {list(out.logits_RV.shape)} {out.logits_RV.dtype} on {out.logits_RV.device}"
     return CheckResult(f"serve prefill+decode EP {ep}", time.perf_counter() - started, len(calls), detail)
 
 
@@ -169,7 +176,6 @@ def run(args: argparse.Namespace) -> int:
         ("serve prefill and decode", lambda: check_serving(
             cfg,
             ep=args.ep,
-            num_slots=len(prompts),
             max_seq_len=max(prompts) + 16,
             prompt_lens=prompts,
             decode_steps=2,

@@ -34,6 +34,9 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+# A tensor is read in pieces of at most this many bytes (of its stored dtype): the loader's host transient.
+READ_CHUNK_BYTES = 64 * 2**20
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,13 +117,27 @@ def fill_parameters(model: CausalLM, reader: TensorReader) -> None:
             continue  # an FSDP2 shard past the end of a short dimension
         stacked = stacked_param(name)
         if stacked is None:
-            part.copy_(_read(reader, name, tuple(param.shape), param.dtype, rows=(row, row + part.shape[0])))
+            _check_shape(reader, name, tuple(param.shape))
+            # In row chunks: the host never holds more than READ_CHUNK_BYTES of a big tensor (the embedding)
+            per_row = max(1, reader.nbytes(name) // param.shape[0])
+            step = max(1, READ_CHUNK_BYTES // per_row)
+            for lo in range(0, part.shape[0], step):
+                hi = min(lo + step, part.shape[0])
+                _fill(part[lo:hi], reader.get_slice(name, row + lo, row + hi))
             continue
         layer, kind = stacked
         for local in range(part.shape[0]):
             for key, rows in expert_rows(kind, layer, first + row + local, param.shape[1]):
                 dst = part[local, rows]
-                dst.copy_(_read(reader, key, tuple(dst.shape), param.dtype))
+                _check_shape(reader, key, tuple(dst.shape))
+                _fill(dst, reader.get(key))
+
+
+def _fill(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a tensor read from the file into its parameter, converting the dtype without a copy of the whole
+    tensor in the other dtype where it would cost: on the host ``copy_`` converts in place; for a GPU the host
+    converts first (a cross-device ``copy_`` would stage the file's dtype on the device)."""
+    dst.copy_(src if dst.device == src.device or src.dtype == dst.dtype else src.to(dst.dtype))
 
 
 def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -134,22 +151,13 @@ def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     return param.to_local(), offset[0]
 
 
-def _read(
-    reader: TensorReader,
-    key: str,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    rows: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """``key`` (or its dim-0 ``rows``), after checking the whole tensor has the ``shape`` the config implies."""
+def _check_shape(reader: TensorReader, key: str, shape: tuple[int, ...]) -> None:
+    """The stored tensor has the ``shape`` the config implies."""
     found = tuple(reader.shape(key))
     if found != shape:
         raise CheckpointError(
             f"{reader.file_of(key)}: tensor {key} has shape {list(found)} but config.json implies {list(shape)}"
         )
-    if rows is None or rows == (0, shape[0]):
-        return reader.get(key, dtype=dtype)
-    return reader.get_slice(key, *rows, dtype=dtype)
 
 
 def model_hf_tensors(model: CausalLM, dtype: torch.dtype | None = None) -> Iterable[tuple[str, torch.Tensor]]:

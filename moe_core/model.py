@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from moe_core.config import ModelConfig
 from moe_core.experts import ExpertBackend
-from moe_core.kv_cache import KVCache
+from moe_core.kv_cache import PagedStep, paged_attention
 from moe_core.layers import MLP, RMSNorm
 from moe_core.moe import MoE, Routing
 from moe_core.rope import apply_rope, rope_cos_sin, rope_frequencies
@@ -28,7 +28,7 @@ from moe_core.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, V], or [B, V] with last_only
+    logits: torch.Tensor  # [B, T, V]; [R, V] for a paged step (R: its logit rows)
     routings: list[Routing] = field(default_factory=list)  # one per MoE layer, in layer order
 
     @property
@@ -47,13 +47,11 @@ class ExpertPlacement:
 
 @dataclass
 class AttentionContext:
-    """What every layer needs to attend: rotary tables, and the cache rows when decoding."""
+    """What every layer needs to attend: rotary tables, and the step over the paged KV cache when serving."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    cache: KVCache | None = None
-    slots_B: torch.Tensor | None = None
-    positions_BT: torch.Tensor | None = None
+    step: PagedStep | None = None
 
 
 class Attention(nn.Module):
@@ -77,15 +75,11 @@ class Attention(nn.Module):
         k = self.k_proj(x_BTD).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTD).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if ctx.cache is None:
+        if ctx.step is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            k_all, v_all = ctx.cache.write_and_read(self.layer_idx, ctx.slots_B, ctx.positions_BT, k, v)
-            key_pos_S = torch.arange(k_all.shape[2], device=x_BTD.device)
-            mask_B1TS = (key_pos_S[None, None, :] <= ctx.positions_BT[:, :, None]).unsqueeze(1)
-            out = F.scaled_dot_product_attention(
-                q, k_all.to(q.dtype), v_all.to(q.dtype), attn_mask=mask_B1TS, enable_gqa=True
-            )
+        else:  # one packed row of the step's tokens: [1, H, N, d] -> [N, H, d] and back
+            packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+            out = paged_attention(self.layer_idx, *packed, ctx.step).transpose(0, 1)[None]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -195,37 +189,22 @@ class CausalLM(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(
-        self,
-        input_ids_BT: torch.Tensor,
-        *,
-        cache: KVCache | None = None,
-        slots_B: torch.Tensor | None = None,
-        input_lengths_B: torch.Tensor | None = None,
-        last_only: bool = False,
-    ) -> CausalLMOutput:
+    def forward(self, input_ids_BT: torch.Tensor, *, step: PagedStep | None = None) -> CausalLMOutput:
         """Logits for ``input_ids``.
 
-        Without a cache: a plain causal forward over whole sequences (training, evaluation).
-        With a cache: row b continues the sequence in ``slots_B[b]`` (default: slot b) with its first
-        ``input_lengths_B[b]`` tokens (default: all T; the rest is right padding). ``last_only`` returns
-        logits [B, V] at each row's last real token, which is what decoding needs.
+        Without a step: a plain causal forward over whole sequences (training, evaluation), logits [B, T, V].
+        With a ``step`` over the paged KV cache (serving):
+        ``input_ids`` [1, N] are the step's packed tokens, and the logits are [R, V] at ``step.logit_rows``.
         """
         b, t = input_ids_BT.shape
         device = input_ids_BT.device
-        if input_lengths_B is None:
-            input_lengths_B = torch.full((b,), t, dtype=torch.long, device=device)
-        if cache is None:
+        if step is None:
             positions_BT = torch.arange(t, device=device).expand(b, t)
-            ctx_extra: dict = {}
         else:
-            slots_B = torch.arange(b, device=device) if slots_B is None else slots_B.to(device)
-            positions_BT = cache.positions(slots_B, t, input_lengths_B)
-            ctx_extra = dict(cache=cache, slots_B=slots_B, positions_BT=positions_BT)
-
+            positions_BT = step.positions_N[None]
         x = self.model.embed_tokens(input_ids_BT)
         cos, sin = rope_cos_sin(self.rope_inv_freq, self.rope_scale, positions_BT, x.dtype)
-        ctx = AttentionContext(cos=cos, sin=sin, **ctx_extra)
+        ctx = AttentionContext(cos=cos, sin=sin, step=step)
         routings: list[Routing] = []
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training:
@@ -234,10 +213,8 @@ class CausalLM(nn.Module):
                 x, routing = layer(x, ctx)
             if routing is not None:
                 routings.append(routing)
-        if cache is not None:
-            cache.advance(slots_B, input_lengths_B)
-        if last_only:
-            x = x[torch.arange(b, device=device), input_lengths_B.to(device) - 1]
+        if step is not None:
+            x = x[0].index_select(0, step.logit_rows)
         logits = self.lm_head(self.model.norm(x))
         return CausalLMOutput(logits=logits, routings=routings)
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 import torch
 
 
-def expert_counts(expert_idx_TK: torch.Tensor, num_experts: int, real_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Slots per expert (int64), counting only tokens where ``real_T`` is true if given (padding excluded).
+def expert_counts(expert_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert (int64).
 
     A scatter-add rather than ``bincount`` or a boolean mask, whose output sizes depend on the data: they have
     no shape on the meta device and need a device sync to size them."""
     flat = expert_idx_TK.reshape(-1)
-    if real_T is None:
-        ones = torch.ones_like(flat)
-    else:
-        ones = real_T.to(torch.long).repeat_interleave(expert_idx_TK.shape[-1])
+    ones = torch.ones_like(flat)
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, ones)
 
 

@@ -43,6 +43,7 @@ from serve.edge import install_error_handlers, parse_json, read_body, request_by
 from serve.engine import Engine, EngineFailedError, Event, Failed, Finished, GenerationRequest, TextDelta
 from serve.openapi import SECURED, body_of, error_responses, publish
 from serve.options import ServeOptions
+from serve.plan import kv_cache_blocks
 from serve.runner import ShardSpec, check_expert_split, serving_context
 from serve.sampling import SamplingParams
 
@@ -62,30 +63,36 @@ STREAM_INTERVAL_S = 0.1
 RETRY_BEFORE_FIRST_TOKEN_S = 60.0
 
 
-def resolve_dtype(opts: ServeOptions) -> torch.dtype:
+def resolve_dtype(opts: ServeOptions, gpu: bool | None = None) -> torch.dtype:
+    """--dtype, where auto is bf16 on GPU and fp32 on CPU (``gpu``: default from --gpus-per-rank)."""
     if opts.dtype != "auto":
         return parse_dtype({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[opts.dtype])
-    return torch.bfloat16 if opts.gpus_per_rank else torch.float32
+    on_gpu = bool(opts.gpus_per_rank) if gpu is None else gpu
+    return torch.bfloat16 if on_gpu else torch.float32
 
 
 def shard_spec(opts: ServeOptions) -> ShardSpec:
+    """What every rank of a replica loads and allocates; sized on rank 0 (on GPU, from its device's memory)."""
     cfg = check_expert_split(opts.model_dir, opts.ep)
+    dtype = resolve_dtype(opts)
+    max_seq_len = serving_context(cfg, opts.max_seq_len)
     return ShardSpec(
         model_dir=opts.model_dir,
-        num_slots=opts.max_batch_size,
-        max_seq_len=serving_context(cfg, opts.max_seq_len),
-        dtype=resolve_dtype(opts),
+        num_blocks=kv_cache_blocks(cfg, opts, dtype, max_seq_len),
+        max_seq_len=max_seq_len,
+        dtype=dtype,
         device="cuda" if opts.gpus_per_rank else "cpu",
         ep_size=opts.ep,
     )
 
 
 def merge_text(events: list[Event]) -> list[Event]:
-    """Join consecutive text deltas (their concatenation is all a client can observe)."""
+    """Join consecutive text deltas of the same choice (their concatenation is all a client can observe)."""
     merged: list[Event] = []
     for event in events:
-        if isinstance(event, TextDelta) and merged and isinstance(merged[-1], TextDelta):
-            merged[-1] = TextDelta(merged[-1].text + event.text)
+        last = merged[-1] if merged else None
+        if isinstance(event, TextDelta) and isinstance(last, TextDelta) and last.index == event.index:
+            merged[-1] = TextDelta(last.text + event.text, event.index, last.logprobs + event.logprobs)
         else:
             merged.append(event)
     return merged
@@ -108,7 +115,13 @@ class ModelServer:
         spec = shard_spec(self.opts)
         self.runner = GangRunner(spec, self.opts.gpus_per_rank) if spec.ep_size > 1 else LocalRunner(spec)
         tokenizer = Tokenizer.from_dir(self.opts.model_dir)
-        self.engine = Engine(self.runner, tokenizer, stats=ReplicaMetrics()).start()
+        self.engine = Engine(
+            self.runner,
+            tokenizer,
+            stats=ReplicaMetrics(),
+            max_num_seqs=self.opts.max_batch_size,
+            max_batched_tokens=self.opts.max_num_batched_tokens,
+        ).start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
         """Stream the request's events, coalesced: each message carries everything that arrived meanwhile.
@@ -126,8 +139,9 @@ class ModelServer:
             except RuntimeError:  # the event loop is gone: the replica is shutting down
                 pass
 
-        seq = self.engine.submit(request, sink)
+        handle = self.engine.submit(request, sink)
         sent_at: float | None = None
+        unfinished = request.n
         try:
             while True:
                 batch = [await queue.get()]
@@ -137,10 +151,11 @@ class ModelServer:
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 yield merge_text(batch)
-                if isinstance(batch[-1], (Finished, Failed)):
+                unfinished -= sum(isinstance(e, Finished) for e in batch)
+                if unfinished <= 0 or any(isinstance(e, Failed) for e in batch):
                     return
         finally:
-            self.engine.cancel(seq)
+            self.engine.cancel(handle)
 
     async def complete(self, request: GenerationRequest) -> tuple[str, Finished]:
         """The whole text and how it ended, in one message (non-streaming requests)."""
@@ -262,7 +277,7 @@ class OpenAIIngress:
         self.model = model
         self.opts = ServeOptions(**options)
         self.tokenizer = Tokenizer.from_dir(self.opts.model_dir)
-        self.max_seq_len = shard_spec(self.opts).max_seq_len
+        self.max_seq_len = serving_context(check_expert_split(self.opts.model_dir, self.opts.ep), self.opts.max_seq_len)
         self.max_request_bytes = request_byte_limit(self.opts.max_request_bytes, self.max_seq_len)
 
     def _authorize(self, request: Request) -> None:
@@ -405,7 +420,10 @@ def build_app(args: dict[str, Any]) -> Any:
     """The Serve application for ``args`` (ServeOptions fields); checks the model before deploying anything."""
     opts = ServeOptions(**args)
     opts.validate()
-    shard_spec(opts)  # the model directory is readable and --ep fits its experts
+    cfg = check_expert_split(opts.model_dir, opts.ep)  # the model directory is readable and --ep fits its experts
+    max_seq_len = serving_context(cfg, opts.max_seq_len)
+    if not opts.gpus_per_rank or opts.kv_cache_gib is not None:  # a GPU's default is sized on the GPU
+        kv_cache_blocks(cfg, opts, resolve_dtype(opts), max_seq_len)  # room for one full-context sequence
     options = opts.as_dict()
     rank_bundle = {"CPU": 1, "GPU": opts.gpus_per_rank} if opts.gpus_per_rank else {"CPU": 1}
     model = serve.deployment(

@@ -1,13 +1,24 @@
-"""Continuous batching on one model replica: requests join and leave the running batch between decode steps.
+"""Continuous batching with chunked prefill on one model replica, over a paged KV cache.
 
-The engine owns the replica's KV-cache slots. A request waits until a slot is free (admission control: a full
-cache makes requests wait, it never fails the replica), is prefilled together with the other newcomers, then
-decodes one token per step alongside every running request until it stops (a stop token unless the request
-has ``ignore_eos``, a stop string, ``max_tokens``, the slot's end, or cancellation). The model behind it is a
-``StepRunner``: one process (``LocalRunner``) or an expert-parallel gang (``serve.gang``).
+Each step runs one forward over at most ``max_batched_tokens`` tokens: first one token for every decoding
+sequence (running streams never stall), then the next prefill chunks of sequences still reading their prompt,
+then newcomers while there is budget and room. So a burst of long prompts is read a chunk at a time, between
+decode tokens, and no step's activations exceed what the budget allows.
 
-The loop runs on its own thread so the replica's event loop stays free to accept requests and answer health
-checks; results go back through each request's ``sink`` callback.
+KV memory is a pool of fixed-size blocks (``BlockPool``); a sequence takes blocks as it grows and returns them
+when it ends. A newcomer is admitted only when its first chunk's blocks are free. When a running sequence needs
+a block and none is free, the most recently admitted sequence is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed from its prompt and the tokens it had generated (which its
+client already has; nothing is sent twice). So a full cache makes requests wait; it never fails one.
+
+A sequence is its tokens (prompt, then generated) and how many of them are cached; a step feeds it
+``tokens[cached:]`` (or a chunk of them), and when that reaches the end a new token is sampled. ``n`` choices
+of one request share the prompt's prefill: after it, each choice keeps the prompt's full blocks (shared, never
+written again) and recomputes only the partial last block's few tokens into a block of its own.
+
+The model behind the engine is a ``StepRunner``: one process (``LocalRunner``) or an expert-parallel gang
+(``serve.gang``). The loop runs on its own thread so the replica's event loop stays free to accept requests and
+answer health checks; results go back through each request's ``sink`` callback.
 """
 
 from __future__ import annotations
@@ -16,31 +27,33 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 
+from moe_core.kv_cache import StepRow, blocks_for
 from moe_core.tokenizer import Tokenizer
-from serve.sampling import SamplingParams, make_generator, sample
+from serve.sampling import SamplingParams, TokenLogprob, make_generator, penalised, sample, token_logprobs
 from serve.text import TextStream
+
+DEFAULT_MAX_BATCHED_TOKENS = 2048
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    logits_BV: torch.Tensor  # next-token logits of each row
-    expert_counts_LE: torch.Tensor | None  # tokens routed to each expert per MoE layer (real tokens only)
+    logits_RV: torch.Tensor  # logits at each row's requested positions, in row order (fp32)
+    expert_counts_LE: torch.Tensor | None  # tokens routed to each expert per MoE layer
 
 
 class StepRunner(Protocol):
-    """Runs the model over cache slots; every call is one forward pass."""
+    """Runs the model over the paged KV cache; every call is one forward pass."""
 
-    num_slots: int
+    num_blocks: int
+    block_size: int
     max_seq_len: int
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput: ...
-
-    def decode(self, tokens: list[int], slots: list[int]) -> StepOutput: ...
+    def step(self, rows: list[StepRow]) -> StepOutput: ...
 
 
 @dataclass(frozen=True)
@@ -50,13 +63,27 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     # vLLM's ignore_eos: the tokenizer's stop tokens (EOS, generation_config's EOS ids, ChatML's end of turn) do
-    # not end the request; it ends at max_tokens, a stop string, the slot's end or cancellation.
+    # not end the request; it ends at max_tokens, a stop string or cancellation.
     ignore_eos: bool = False
+    n: int = 1  # choices sharing one prefill of the prompt; every event names its choice (``index``)
+    logprobs: int | None = None  # k: each generated token's logprob and its k most likely alternatives
+    prompt_logprobs: int | None = None  # k: the same for every prompt token after the first
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    index: int = 0  # which of the request's n choices
+    # The tokens generated since this choice's previous delta, when the request asked for logprobs. Text may be
+    # held back for a stop string, so a delta can carry tokens and no text.
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Sent once, before any text, when the request asked for prompt logprobs."""
+
+    entries: tuple[TokenLogprob | None, ...]  # one per prompt token; the first has no prefix to be scored on
 
 
 @dataclass(frozen=True)
@@ -64,6 +91,7 @@ class Finished:
     reason: str  # "stop" or "length" (OpenAI's finish_reason), or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0  # one per choice: the request is over when all n have finished
 
 
 @dataclass(frozen=True)
@@ -71,47 +99,126 @@ class Failed:
     message: str
 
 
-Event = TextDelta | Finished | Failed
+Event = TextDelta | PromptLogprobs | Finished | Failed
 
 
 class EngineFailedError(RuntimeError):
     """The model runner broke (for example a rank of the gang died); the replica must be replaced."""
 
 
+class BlockPool:
+    """The KV cache's blocks: free ones, and how many sequences hold each taken one (forked choices share)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = deque(range(num_blocks))
+        self._holders = [0] * num_blocks
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise RuntimeError(f"{count} blocks asked, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(count)]
+        for b in blocks:
+            self._holders[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> list[int]:
+        for b in blocks:
+            self._holders[b] += 1
+        return list(blocks)
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self._holders[b] -= 1
+            if self._holders[b] == 0:
+                self._free.append(b)
+
+
+class RequestHandle:
+    """What ``submit`` returns: cancelling it ends every choice of the request."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.cancelled = False
+
+
 @dataclass
 class _Sequence:
-    request: GenerationRequest
+    """One choice of a request: its tokens, how many are in the KV cache, and the blocks holding them."""
+
+    handle: RequestHandle
     sink: Callable[[Event], None]
     text: TextStream
     generator: torch.Generator
     arrived: float
-    slot: int = -1
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
+    tokens: list[int]
+    index: int = 0
+    cached: int = 0
+    blocks: list[int] = field(default_factory=list)
+    prompt_entries: list[TokenLogprob | None] | None = None  # filled while the prompt is read, if asked for
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_scored: bool = False
     first_token_at: float | None = None
+    forked: bool = False
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.request.prompt_ids)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.request.prompt_ids) :]
 
 
 class EngineStats:
     """Where the engine reports what it does: nowhere by default; Ray metrics in a replica (``serve.metrics``)."""
 
-    def on_step(self, batch_size: int, cache_tokens: int, cache_capacity: int) -> None: ...
+    def on_step(self, batch_size: int, blocks_used: int, blocks_total: int) -> None: ...
     def on_tokens(self, count: int) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
     def on_finish(self, seq_seconds_per_token: float | None) -> None: ...
     def on_expert_counts(self, counts_LE: torch.Tensor) -> None: ...
+    def on_preempt(self) -> None: ...
 
 
 class Engine:
     def __init__(
-        self, runner: StepRunner, tokenizer: Tokenizer, *, stats: EngineStats | None = None, max_prefill: int = 0
+        self,
+        runner: StepRunner,
+        tokenizer: Tokenizer,
+        *,
+        stats: EngineStats | None = None,
+        max_num_seqs: int = 16,
+        max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS,
     ) -> None:
+        if blocks_for(runner.max_seq_len, runner.block_size) > runner.num_blocks:
+            raise ValueError(
+                f"the KV cache ({runner.num_blocks} blocks of {runner.block_size} tokens) cannot hold one sequence "
+                f"of the serving context ({runner.max_seq_len} tokens): give it more memory or a shorter context"
+            )
+        if max_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_batched_tokens and max_num_seqs must be at least 1")
         self.runner = runner
         self.tokenizer = tokenizer
         self.stop_ids = tokenizer.stop_token_ids
         self.stats = stats or EngineStats()
-        self.max_prefill = max_prefill or runner.num_slots  # newcomers prefilled together in one step
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.pool = BlockPool(runner.num_blocks)
         self.failure: str | None = None
-        self._free_slots = deque(range(runner.num_slots))
+        self.preemptions = 0
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._wake = threading.Condition()
@@ -130,26 +237,27 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=30)
 
-    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> _Sequence:
+    def submit(self, request: GenerationRequest, sink: Callable[[Event], None]) -> RequestHandle:
         """Queue a request; its events arrive through ``sink`` (called on the engine thread)."""
         self._check_fits(request)
-        seq = _Sequence(
-            request, sink, TextStream(self.tokenizer, request.stop), make_generator(request.sampling), time.monotonic()
-        )
+        handle = RequestHandle(request)
+        seq = self._new_sequence(handle, sink, index=0)
+        if request.prompt_logprobs is not None:
+            seq.prompt_entries = [None]
         with self._wake:
             if self.failure is not None:
                 raise EngineFailedError(self.failure)
             self._waiting.append(seq)
             self._wake.notify()
-        return seq
+        return handle
 
-    def cancel(self, seq: _Sequence) -> None:
+    def cancel(self, handle: RequestHandle) -> None:
         """Stop generating for a request whose client went away (takes effect at the next step)."""
-        seq.cancelled = True
+        handle.cancelled = True
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) request counts."""
+        """(running, waiting) sequence counts."""
         return len(self._running), len(self._waiting)
 
     def _check_fits(self, request: GenerationRequest) -> None:
@@ -157,12 +265,28 @@ class Engine:
             raise ValueError("the prompt is empty")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if request.n < 1:
+            raise ValueError(f"n must be at least 1, got {request.n}")
         total = len(request.prompt_ids) + request.max_tokens
         if total > self.runner.max_seq_len:
             raise ValueError(
                 f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                 f"serving context of {self.runner.max_seq_len} tokens"
             )
+
+    def _new_sequence(self, handle: RequestHandle, sink: Callable[[Event], None], index: int) -> _Sequence:
+        sampling = handle.request.sampling
+        if sampling.seed is not None and index:  # each choice its own reproducible stream
+            sampling = replace(sampling, seed=sampling.seed + index)
+        return _Sequence(
+            handle,
+            sink,
+            TextStream(self.tokenizer, handle.request.stop),
+            make_generator(sampling),
+            time.monotonic(),
+            list(handle.request.prompt_ids),
+            index=index,
+        )
 
     # ---- the engine thread --------------------------------------------------------------------------
 
@@ -180,88 +304,201 @@ class Engine:
         self._fail_all("the model replica is shutting down")
 
     def step(self) -> None:
-        """One scheduling iteration: drop cancelled requests, admit and prefill newcomers, decode the rest."""
+        """One scheduling iteration: drop cancelled requests, schedule a token budget, run it, sample."""
         self._drop_cancelled()
-        newcomers = self._admit()
-        if newcomers:
-            out = self.runner.prefill([s.request.prompt_ids for s in newcomers], [s.slot for s in newcomers])
-            self._record(out)
-            self._advance(newcomers, out.logits_BV)
-        decoding = [s for s in self._running if s not in newcomers]
-        if decoding:
-            out = self.runner.decode([s.generated[-1] for s in decoding], [s.slot for s in decoding])
-            self._record(out)
-            self._advance(decoding, out.logits_BV)
-        cached = sum(len(s.request.prompt_ids) + len(s.generated) for s in self._running)
-        self.stats.on_step(len(self._running), cached, self.runner.num_slots * self.runner.max_seq_len)
+        scheduled = self._schedule()
+        if scheduled:
+            rows = [self._row(seq, take) for seq, take in scheduled]
+            out = self.runner.step(rows)
+            if out.expert_counts_LE is not None:
+                self.stats.on_expert_counts(out.expert_counts_LE)
+            self._consume(scheduled, rows, out.logits_RV)
+        self.stats.on_step(len(self._running), self.pool.used, self.pool.num_blocks)
 
-    def _admit(self) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
+    # ---- scheduling ----
+
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """(sequence, tokens to feed) for this step: running sequences oldest first, decoders before prefills,
+        then newcomers, within the token budget."""
+        budget = self.max_batched_tokens
+        scheduled: list[tuple[_Sequence, int]] = []
+        running = sorted(self._running, key=lambda s: len(s.tokens) - s.cached > 1)  # stable: decoders first
+        for seq in running:
+            if budget == 0:
+                break
+            if seq not in self._running:  # preempted to make room for an older one
+                continue
+            take = min(len(seq.tokens) - seq.cached, budget)
+            preempted = self.preemptions
+            fits = self._grow(seq, seq.cached + take)
+            if self.preemptions != preempted:  # a victim may have been scheduled already: give its tokens back
+                scheduled = [(s, t) for s, t in scheduled if s in self._running]
+                budget = self.max_batched_tokens - sum(t for _, t in scheduled)
+            if fits:
+                scheduled.append((seq, take))
+                budget -= take
+        while budget and self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            take = min(len(seq.tokens) - seq.cached, budget)
+            need = blocks_for(seq.cached + take, self.runner.block_size) - len(seq.blocks)
+            if need > self.pool.free:
+                break  # admission waits for free blocks (preempting to admit would only thrash)
+            with self._wake:
+                self._waiting.popleft()
+            seq.blocks += self.pool.take(need)
+            self._running.append(seq)
+            scheduled.append((seq, take))
+            budget -= take
+        return scheduled
+
+    def _grow(self, seq: _Sequence, num_tokens: int) -> bool:
+        """Give ``seq`` blocks for ``num_tokens``, preempting the newest other sequences if need be; False if
+        ``seq`` itself had to be preempted."""
+        need = blocks_for(num_tokens, self.runner.block_size) - len(seq.blocks)
+        while need > self.pool.free:
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        seq.blocks += self.pool.take(max(0, need))
+        return True
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self._running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.cached = [], 0
+        self.preemptions += 1
+        self.stats.on_preempt()
         with self._wake:
-            while self._waiting and self._free_slots and len(admitted) < self.max_prefill:
-                seq = self._waiting.popleft()
-                seq.slot = self._free_slots.popleft()
-                admitted.append(seq)
-        self._running.extend(admitted)
-        return admitted
+            self._waiting.appendleft(seq)
 
-    def _advance(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> None:
+    def _row(self, seq: _Sequence, take: int) -> StepRow:
+        end = seq.cached + take
+        scoring_prompt = seq.prompt_entries is not None and not seq.prompt_scored
+        logits = "all" if scoring_prompt else ("last" if end == len(seq.tokens) else "none")
+        return StepRow(seq.tokens[seq.cached : end], seq.cached, seq.blocks, logits)
+
+    # ---- after the forward ----
+
+    def _consume(self, scheduled: list[tuple[_Sequence, int]], rows: list[StepRow], logits_RV: torch.Tensor) -> None:
+        at = 0
+        sampled: list[tuple[_Sequence, torch.Tensor]] = []
+        for (seq, take), row in zip(scheduled, rows, strict=True):
+            width = take if row.logits == "all" else (1 if row.logits == "last" else 0)
+            seq_logits = logits_RV[at : at + width]
+            at += width
+            if row.logits == "all":
+                self._score_prompt(seq, row, seq_logits)
+            seq.cached += take
+            if seq.cached == len(seq.tokens):
+                sampled.append((seq, seq_logits[-1]))
+        self._sample(sampled)
+
+    def _score_prompt(self, seq: _Sequence, row: StepRow, logits_TV: torch.Tensor) -> None:
+        """Prompt logprobs: the logits at position p score prompt token p + 1."""
+        assert seq.prompt_entries is not None
+        prompt = seq.request.prompt_ids
+        targets = [p + 1 for p in range(row.start, row.start + len(row.tokens)) if p + 1 < len(prompt)]
+        targets = [t for t in targets if t >= len(seq.prompt_entries)]
+        if targets:
+            first = targets[0] - 1 - row.start
+            chosen = [prompt[t] for t in targets]
+            k = seq.request.prompt_logprobs or 0
+            seq.prompt_entries += token_logprobs(logits_TV[first : first + len(targets)], chosen, k)
+        if len(seq.prompt_entries) == len(prompt):
+            seq.prompt_scored = True
+            seq.sink(PromptLogprobs(tuple(seq.prompt_entries)))
+
+    def _sample(self, sampled: list[tuple[_Sequence, torch.Tensor]]) -> None:
         now = time.monotonic()
-        greedy = logits_BV.argmax(dim=-1).tolist()  # one op for the batch; sampled rows are drawn one by one
-        for seq, logits_V, best in zip(seqs, logits_BV, greedy, strict=True):
-            token = best if seq.request.sampling.greedy else sample(logits_V, seq.request.sampling, seq.generator)
-            seq.generated.append(token)
+        expanded: list[tuple[_Sequence, torch.Tensor]] = []
+        for seq, logits_V in sampled:
+            expanded.append((seq, logits_V))
+            if seq.request.n > 1 and not seq.forked:
+                expanded += [(child, logits_V) for child in self._fork(seq)]
+        if not expanded:
+            return
+        greedy = torch.stack([lv for _, lv in expanded]).argmax(dim=-1).tolist()  # one op for the batch
+        for (seq, logits_V), best in zip(expanded, greedy, strict=True):
+            token = self._choose(seq, logits_V, best)
+            if seq.request.logprobs is not None:
+                seq.pending_logprobs += token_logprobs(logits_V[None], [token], seq.request.logprobs)
+            seq.tokens.append(token)
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.stats.on_first_token(now - seq.arrived)
             reason = self._emit(seq, token)
             if reason is not None:
                 self._finish(seq, reason)
-        self.stats.on_tokens(len(seqs))
+        self.stats.on_tokens(len(expanded))
+
+    def _choose(self, seq: _Sequence, logits_V: torch.Tensor, best: int) -> int:
+        params = seq.request.sampling
+        if params.presence_penalty or params.frequency_penalty:
+            logits_V = penalised(logits_V, seq.generated, params)
+            best = int(torch.argmax(logits_V))
+        return best if params.greedy else sample(logits_V, params, seq.generator)
+
+    def _fork(self, parent: _Sequence) -> list[_Sequence]:
+        """The other n - 1 choices, once the prompt is read: they share its full blocks; the partial last one's
+        tokens are recomputed into a block of each child's own at its next step."""
+        parent.forked = True
+        size = self.runner.block_size
+        full = parent.cached // size
+        children = []
+        for index in range(1, parent.request.n):
+            child = self._new_sequence(parent.handle, parent.sink, index)
+            child.forked, child.arrived = True, parent.arrived
+            child.blocks = self.pool.share(parent.blocks[:full])
+            child.cached = full * size
+            children.append(child)
+        self._running += children
+        return children
 
     def _emit(self, seq: _Sequence, token: int) -> str | None:
-        """Send the token's text; the finish reason if the request is now over."""
+        """Send the token's text (and logprobs); the finish reason if the choice is now over."""
         if token in self.stop_ids and not seq.request.ignore_eos:
+            self._send_text(seq, "")
             return "stop"
         delta, hit_stop = seq.text.push(token)
-        if delta:
-            seq.sink(TextDelta(delta))
+        self._send_text(seq, delta)
         if hit_stop:
             return "stop"
-        if len(seq.generated) >= seq.request.max_tokens:
+        if seq.num_generated >= seq.request.max_tokens:
             return "length"
         return None
 
+    def _send_text(self, seq: _Sequence, text: str) -> None:
+        if text or seq.pending_logprobs:
+            seq.sink(TextDelta(text, seq.index, tuple(seq.pending_logprobs)))
+            seq.pending_logprobs = []
+
     def _finish(self, seq: _Sequence, reason: str) -> None:
-        rest = seq.text.flush()  # text held back for a stop string that can no longer complete
-        if rest:
-            seq.sink(TextDelta(rest))
-        seq.sink(Finished(reason, len(seq.request.prompt_ids), len(seq.generated)))
+        self._send_text(seq, seq.text.flush())  # text held back for a stop string that can no longer complete
+        seq.sink(Finished(reason, len(seq.request.prompt_ids), seq.num_generated, seq.index))
         tpot = None
-        if seq.first_token_at is not None and len(seq.generated) > 1:
-            tpot = (time.monotonic() - seq.first_token_at) / (len(seq.generated) - 1)
+        if seq.first_token_at is not None and seq.num_generated > 1:
+            tpot = (time.monotonic() - seq.first_token_at) / (seq.num_generated - 1)
         self.stats.on_finish(tpot)
         self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
         if seq in self._running:
             self._running.remove(seq)
-        with self._wake:
-            if seq.slot >= 0:
-                self._free_slots.append(seq.slot)
-                seq.slot = -1
+        self.pool.release(seq.blocks)
+        seq.blocks = []
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in self._running if s.cancelled]:
-            seq.sink(Finished("cancelled", len(seq.request.prompt_ids), len(seq.generated)))
-            self._release(seq)
         with self._wake:
-            kept = [s for s in self._waiting if not s.cancelled]
-            self._waiting = deque(kept)
-
-    def _record(self, out: StepOutput) -> None:
-        if out.expert_counts_LE is not None:
-            self.stats.on_expert_counts(out.expert_counts_LE)
+            dropped = [s for s in self._waiting if s.handle.cancelled]
+            self._waiting = deque(s for s in self._waiting if not s.handle.cancelled)
+        dropped += [s for s in self._running if s.handle.cancelled]
+        for seq in dropped:
+            # Before the fork the first choice stands for all of them.
+            indices = [seq.index] if seq.forked else range(seq.request.n)
+            for index in indices:
+                seq.sink(Finished("cancelled", len(seq.request.prompt_ids), seq.num_generated, index))
+            self._release(seq)
 
     def _fail_all(self, message: str) -> None:
         with self._wake:

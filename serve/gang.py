@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from moe_core.all_to_all import AllToAllDispatcher
 from moe_core.experts import Experts
+from moe_core.kv_cache import StepRow
 from serve.engine import StepOutput
 from serve.runner import ModelShard, ShardSpec
 
@@ -104,13 +105,9 @@ class RankWorker:
     def join(self) -> None:
         self.shard = join_gang(self.spec, self.master)
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> None:
+    def step(self, rows: list[StepRow]) -> None:
         assert self.shard is not None
-        self.shard.prefill(prompts, slots)
-
-    def decode(self, tokens: list[int], slots: list[int]) -> None:
-        assert self.shard is not None
-        self.shard.decode(tokens, slots)
+        self.shard.step(rows)
 
     def ping(self) -> bool:
         return True
@@ -145,19 +142,14 @@ class GangRunner:
         joins = [w.join.remote() for w in self.workers]
         self.shard = join_gang(spec, master)
         ray.get(joins)
-        self.num_slots, self.max_seq_len = spec.num_slots, spec.max_seq_len
+        self.num_blocks, self.block_size, self.max_seq_len = spec.num_blocks, spec.block_size, spec.max_seq_len
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput:
-        return self._mirror("prefill", prompts, slots)
-
-    def decode(self, tokens: list[int], slots: list[int]) -> StepOutput:
-        return self._mirror("decode", tokens, slots)
-
-    def _mirror(self, op: str, *args: Any) -> StepOutput:
+    def step(self, rows: list[StepRow]) -> StepOutput:
+        """The same step on every rank (actor calls run in submission order); rank 0's output is the gang's."""
         import ray
 
-        pending = [getattr(w, op).remote(*args) for w in self.workers]
-        out = getattr(self.shard, op)(*args)
+        pending = [w.step.remote(rows) for w in self.workers]
+        out = self.shard.step(rows)
         ray.get(pending)
         return out
 

@@ -35,16 +35,19 @@ class ReplicaMetrics(EngineStats):
             boundaries=LATENCY_BUCKETS,
         )
         self.batch = metrics.Gauge("upmoe_batch_size", "Sequences in the running batch.")
-        self.kv_use = metrics.Gauge("upmoe_kv_cache_usage", "Fraction of KV-cache token slots in use.")
+        self.kv_use = metrics.Gauge("upmoe_kv_cache_usage", "Fraction of the KV cache's blocks in use.")
+        self.preemptions = metrics.Counter(
+            "upmoe_preemptions", "Sequences whose KV blocks were taken back for an older one (recomputed later)."
+        )
         self.expert_tokens = metrics.Counter(
             "upmoe_expert_tokens", "Tokens routed to each expert per MoE layer.", tag_keys=("layer", "expert")
         )
         self._pending: torch.Tensor | None = None
         self._flushed_at = time.monotonic()
 
-    def on_step(self, batch_size: int, cache_tokens: int, cache_capacity: int) -> None:
+    def on_step(self, batch_size: int, blocks_used: int, blocks_total: int) -> None:
         self.batch.set(batch_size)
-        self.kv_use.set(cache_tokens / max(1, cache_capacity))
+        self.kv_use.set(blocks_used / max(1, blocks_total))
         if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
             self.flush()
 
@@ -58,6 +61,9 @@ class ReplicaMetrics(EngineStats):
         self.requests.inc()
         if seq_seconds_per_token is not None:
             self.tpot.observe(seq_seconds_per_token)
+
+    def on_preempt(self) -> None:
+        self.preemptions.inc()
 
     def on_expert_counts(self, counts_LE: torch.Tensor) -> None:
         self._pending = counts_LE.clone() if self._pending is None else self._pending + counts_LE

@@ -23,7 +23,9 @@ class ServeOptions:
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
     max_batch_size: int = 16
+    max_num_batched_tokens: int = 2048
     max_seq_len: int | None = None  # None: the model's context length
+    kv_cache_gib: float | None = None  # None: serve.kv_sizing.default_kv_cache_bytes
     max_queued_requests: int = 64
     max_request_bytes: int | None = None  # None: from the context (serve.edge.request_byte_limit)
     dtype: str = "auto"
@@ -51,7 +53,9 @@ class ServeOptions:
         need(self.target_ongoing_requests > 0, "--target-ongoing-requests must be positive")
         need(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0, "autoscaling delays must be >= 0")
         need(self.max_batch_size >= 1, f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        need(self.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be at least 1")
         need(self.max_seq_len is None or self.max_seq_len >= 2, "--max-seq-len must be at least 2")
+        need(self.kv_cache_gib is None or self.kv_cache_gib > 0, "--kv-cache-gib must be positive")
         need(self.max_queued_requests >= 1, "--max-queued-requests must be at least 1")
         need(self.max_request_bytes is None or self.max_request_bytes >= 1, "--max-request-bytes must be positive")
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown --dtype {self.dtype!r}")

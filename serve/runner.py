@@ -1,4 +1,4 @@
-"""One rank's share of a model replica: the model (all of attention, its own experts) and its KV cache.
+"""One rank's share of a model replica: the model (all of attention, its own experts) and its paged KV cache.
 
 ``ModelShard`` executes the engine's steps. With EP = 1 it is the whole replica (``LocalRunner``); in an
 expert-parallel gang every rank holds one and runs the same steps in the same order (``serve.gang``).
@@ -13,8 +13,8 @@ import torch
 
 from moe_core import state_dict_adapter
 from moe_core.config import ModelConfig, read_model_config
-from moe_core.generate import pad_right
-from moe_core.kv_cache import KVCache
+from moe_core.generate import run_step
+from moe_core.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, StepRow
 from moe_core.loading import load_model
 from moe_core.model import CausalLM, CausalLMOutput
 from moe_core.permute import expert_counts
@@ -27,10 +27,11 @@ DEFAULT_MAX_SEQ_LEN = 8192  # without --max-seq-len: the model's context, capped
 @dataclass(frozen=True)
 class ShardSpec:
     model_dir: str
-    num_slots: int
+    num_blocks: int
     max_seq_len: int
     dtype: torch.dtype
     device: str
+    block_size: int = DEFAULT_BLOCK_SIZE
     ep_rank: int = 0
     ep_size: int = 1
 
@@ -72,38 +73,19 @@ class ModelShard:
                 num_local_experts=count,
             )
         self.model: CausalLM = model.eval()
-        cfg = model.config
-        self.config = cfg
-        self.cache = KVCache(cfg, spec.num_slots, spec.max_seq_len, dtype=spec.dtype, device=spec.device)
-        self.device = torch.device(spec.device)
-        self.num_slots = spec.num_slots
-        self.max_seq_len = spec.max_seq_len
+        self.config = model.config
+        self.cache = PagedKVCache(self.config, spec.num_blocks, spec.block_size, dtype=spec.dtype, device=spec.device)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput:
-        """Start new sequences in ``slots`` (whatever the slots held before is forgotten)."""
-        slots_B = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.cache.reset(slots_B)
-        ids_BT, lengths_B = pad_right(prompts)
-        lengths_B = lengths_B.to(self.device)
-        out = self.model(
-            ids_BT.to(self.device), cache=self.cache, slots_B=slots_B, input_lengths_B=lengths_B, last_only=True
-        )
-        real_T = (torch.arange(ids_BT.shape[1], device=self.device)[None, :] < lengths_B[:, None]).reshape(-1)
-        return StepOutput(out.logits.float(), self._expert_counts(out, real_T))
+    def step(self, rows: list[StepRow]) -> StepOutput:
+        out = run_step(self.model, self.cache, rows)
+        return StepOutput(out.logits.float(), self._expert_counts(out))
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], slots: list[int]) -> StepOutput:
-        slots_B = torch.tensor(slots, dtype=torch.long, device=self.device)
-        ids_B1 = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        out = self.model(ids_B1, cache=self.cache, slots_B=slots_B, last_only=True)
-        return StepOutput(out.logits.float(), self._expert_counts(out, None))
-
-    def _expert_counts(self, out: CausalLMOutput, real_T: torch.Tensor | None) -> torch.Tensor | None:
-        """Tokens each expert received per MoE layer, padding excluded: the load this endpoint sees."""
+    def _expert_counts(self, out: CausalLMOutput) -> torch.Tensor | None:
+        """Tokens each expert received per MoE layer: the load this endpoint sees."""
         if not out.routings:
             return None
-        counts = [expert_counts(r.experts_TK, self.config.num_experts, real_T) for r in out.routings]
+        counts = [expert_counts(r.experts_TK, self.config.num_experts) for r in out.routings]
         return torch.stack(counts).cpu()
 
 
@@ -112,11 +94,7 @@ class LocalRunner:
 
     def __init__(self, spec: ShardSpec) -> None:
         self.shard = ModelShard(spec)
-        self.num_slots = spec.num_slots
-        self.max_seq_len = spec.max_seq_len
+        self.num_blocks, self.block_size, self.max_seq_len = spec.num_blocks, spec.block_size, spec.max_seq_len
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput:
-        return self.shard.prefill(prompts, slots)
-
-    def decode(self, tokens: list[int], slots: list[int]) -> StepOutput:
-        return self.shard.decode(tokens, slots)
+    def step(self, rows: list[StepRow]) -> StepOutput:
+        return self.shard.step(rows)

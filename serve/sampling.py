@@ -19,10 +19,43 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float  # log-softmax of the model's logits (before temperature, top_p and penalties), fp32
+    top: tuple[tuple[int, float], ...] = ()  # the k most likely (token, logprob), best first
+
+
+def token_logprobs(logits_RV: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's chosen token with its logprob and the row's k most likely tokens, in one host read."""
+    logprobs_RV = torch.log_softmax(logits_RV.float(), dim=-1)
+    index = torch.tensor(chosen, dtype=torch.long, device=logprobs_RV.device)[:, None]
+    own = logprobs_RV.gather(1, index)[:, 0].tolist()
+    if k == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(chosen, own, strict=True)]
+    top_lp, top_ids = logprobs_RV.topk(k, dim=-1)
+    return [
+        TokenLogprob(t, lp, tuple(zip(ids, lps, strict=True)))
+        for t, lp, ids, lps in zip(chosen, own, top_ids.tolist(), top_lp.tolist(), strict=True)
+    ]
+
+
+def penalised(logits_V: torch.Tensor, generated: list[int], params: SamplingParams) -> torch.Tensor:
+    """OpenAI's penalties over the tokens generated so far: minus presence once per token that occurred, minus
+    frequency times its count."""
+    if not generated:
+        return logits_V
+    counts_V = torch.bincount(torch.tensor(generated, device=logits_V.device), minlength=logits_V.shape[-1])
+    counts_V = counts_V[: logits_V.shape[-1]].to(logits_V.dtype)
+    return logits_V - params.presence_penalty * (counts_V > 0).to(logits_V.dtype) - params.frequency_penalty * counts_V
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:

@@ -36,8 +36,9 @@ def test_training_forward_runs_on_fake_cuda_at_world_16_ep_8(param_dtype: torch.
 
 
 def test_serving_prefill_and_decode_run_on_fake_cuda_at_ep_8() -> None:
-    result = check_serving(CFG, ep=8, num_slots=4, max_seq_len=64, prompt_lens=[5, 17, 1], decode_steps=3)
-    assert result.collectives > 0 and "[3, 1024]" in result.detail
+    result = check_serving(CFG, ep=8, max_seq_len=64, prompt_lens=[5, 17, 1], decode_steps=3)
+    # Logits of 2 decode tokens and of a 3-token prefill chunk.
+    assert result.collectives > 0 and "[5, 1024] torch.float32 on cuda:0" in result.detail
 
 
 def _torch_without_device(*names: str) -> types.SimpleNamespace:

@@ -1,24 +1,26 @@
-"""Batched, ragged incremental decoding with the KV cache equals full no-cache forwards."""
+"""Steps over the paged KV cache (packed prefill chunks and decode tokens, scattered blocks) equal full forwards."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.profiler import profile
 
-from moe_core.kv_cache import CacheFullError, KVCache
+from moe_core.generate import run_step
+from moe_core.kv_cache import PagedKVCache, PagedStep, StepRow, bytes_per_block
 from moe_core.model import CausalLM
 from moe_core.registry import get_preset
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TOL = 1e-4
-PROMPT_LENGTHS = (5, 9, 13)
-DECODE_STEPS = 6
+BLOCK = 4
 
 
 @pytest.fixture(scope="module", params=["debug", "debug-moe"])
 def model(request) -> CausalLM:
     cfg = get_preset(request.param)
+    assert cfg.num_attention_heads > cfg.num_key_value_heads  # grouped-query attention is exercised
     model = CausalLM(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # std 0.1 everywhere (biases and norms too): attention far from uniform
@@ -28,176 +30,94 @@ def model(request) -> CausalLM:
     return model.eval()
 
 
-def _prompts(cfg, lengths=PROMPT_LENGTHS, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
-
-
-def _right_padded(seqs: list[list[int]], pad: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-    return ids, torch.tensor([len(s) for s in seqs])
+def _tokens(cfg, n: int, seed: int) -> list[int]:
+    return torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @torch.no_grad()
-def _reference_last(model: CausalLM, seq: list[int]) -> torch.Tensor:
-    return model(torch.tensor([seq])).logits[0, -1]
+def _full(model: CausalLM, seq: list[int]) -> torch.Tensor:
+    return model(torch.tensor([seq])).logits[0]
 
 
-def _assert_rows_match(model: CausalLM, logits_BV: torch.Tensor, seqs: list[list[int]]) -> None:
-    assert logits_BV.shape == (len(seqs), model.config.vocab_size)
-    for row, seq in enumerate(seqs):
-        diff = (logits_BV[row] - _reference_last(model, seq)).abs().max().item()
-        assert diff <= TOL, f"row {row} (length {len(seq)}): max abs diff {diff}"
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    diff = (got - want).abs().max().item()
+    assert diff <= TOL, f"max abs diff {diff}"
 
 
-@torch.no_grad()
-def _decode(model, cache, seqs, slots_B, steps=DECODE_STEPS, logits=None):
-    """Greedy decode ``steps`` tokens per row, checking every step against the no-cache forward."""
-    for _ in range(steps):
-        next_B = logits.argmax(-1)
-        for row, token in enumerate(next_B.tolist()):
-            seqs[row].append(token)
-        logits = model(next_B[:, None], cache=cache, slots_B=slots_B, last_only=True).logits
-        _assert_rows_match(model, logits, seqs)
-    return logits
-
-
-@torch.no_grad()
-def test_ragged_batch_prefill_then_decode(model: CausalLM) -> None:
+def test_ragged_prompts_in_one_step_then_decode(model: CausalLM) -> None:
     cfg = model.config
-    seqs = _prompts(cfg)
-    ids, lengths = _right_padded(seqs)
-    cache = KVCache(cfg, num_slots=3, max_tokens=32)
-    out = model(ids, cache=cache, input_lengths_B=lengths, last_only=True)
-    assert cache.lengths.tolist() == list(PROMPT_LENGTHS)
-    _assert_rows_match(model, out.logits, seqs)
-    _decode(model, cache, seqs, torch.arange(3), logits=out.logits)
-    assert cache.lengths.tolist() == [n + DECODE_STEPS for n in PROMPT_LENGTHS]
+    seqs = [_tokens(cfg, n, seed=n) for n in (5, 9, 13)]
+    cache = PagedKVCache(cfg, num_blocks=24, block_size=BLOCK)
+    # Scattered, interleaved blocks: a sequence's keys need not be contiguous in the pool.
+    tables = [[7, 2, 19, 11, 4], [0, 13, 8, 21, 16], [3, 22, 9, 15, 1, 18]]
+    out = run_step(model, cache, [StepRow(s, 0, tables[i], logits="all") for i, s in enumerate(seqs)])
+    at = 0
+    for seq in seqs:
+        _close(out.logits[at : at + len(seq)], _full(model, seq))
+        at += len(seq)
+    for _ in range(4):  # decode: each row one token, in a different order each step
+        order = torch.randperm(3).tolist()
+        rows = []
+        for i in order:
+            seqs[i].append(int(_full(model, seqs[i])[-1].argmax()))
+            rows.append(StepRow([seqs[i][-1]], len(seqs[i]) - 1, tables[i]))
+        logits = run_step(model, cache, rows).logits
+        for row, i in enumerate(order):
+            _close(logits[row], _full(model, seqs[i])[-1])
 
 
-@torch.no_grad()
-def test_prefill_all_positions_match(model: CausalLM) -> None:
-    """Without last_only the prefill returns [B, T, V]; each row's real positions match its own forward."""
+def test_prefill_in_chunks_mixed_with_decode_tokens(model: CausalLM) -> None:
+    """Chunked prefill: a long prompt arrives over three steps, each also carrying another sequence's decode."""
     cfg = model.config
-    seqs = _prompts(cfg, seed=3)
-    ids, lengths = _right_padded(seqs)
-    cache = KVCache(cfg, num_slots=3, max_tokens=16)
-    logits = model(ids, cache=cache, input_lengths_B=lengths).logits
-    assert logits.shape == (3, 13, cfg.vocab_size)
-    for row, seq in enumerate(seqs):
-        want = model(torch.tensor([seq])).logits[0]
-        assert (logits[row, : len(seq)] - want).abs().max().item() <= TOL
+    long, short = _tokens(cfg, 14, seed=1), _tokens(cfg, 3, seed=2)
+    cache = PagedKVCache(cfg, num_blocks=10, block_size=BLOCK)
+    long_blocks, short_blocks = [5, 1, 8, 3], [9, 0, 6]
+    run_step(model, cache, [StepRow(short, 0, short_blocks)])
+    done = 0
+    for chunk in (6, 5, 3):  # chunk boundaries inside blocks
+        short.append(int(_full(model, short)[-1].argmax()))
+        piece = long[done : done + chunk]
+        rows = [StepRow([short[-1]], len(short) - 1, short_blocks), StepRow(piece, done, long_blocks, logits="all")]
+        logits = run_step(model, cache, rows).logits
+        done += chunk
+        _close(logits[0], _full(model, short)[-1])
+        _close(logits[1:], _full(model, long[:done])[done - chunk :])
 
 
-@torch.no_grad()
-def test_rows_prefilled_one_at_a_time_into_noncontiguous_slots(model: CausalLM) -> None:
+def test_rows_without_logits_and_a_reused_block(model: CausalLM) -> None:
+    """A finished sequence's blocks are reused as they are (stale keys beyond the new length are never read);
+    a non-final prefill chunk returns no logits."""
     cfg = model.config
-    seqs = _prompts(cfg, seed=4)
-    cache = KVCache(cfg, num_slots=3, max_tokens=32)
-    slot_of_row = [2, 0, 1]
-    last = []
-    for row, slot in enumerate(slot_of_row):
-        out = model(torch.tensor([seqs[row]]), cache=cache, slots_B=torch.tensor([slot]), last_only=True)
-        last.append(out.logits[0])
-    assert cache.lengths.tolist() == [PROMPT_LENGTHS[1], PROMPT_LENGTHS[2], PROMPT_LENGTHS[0]]
-    logits = torch.stack(last)
-    _assert_rows_match(model, logits, seqs)
-    _decode(model, cache, seqs, torch.tensor(slot_of_row), logits=logits)
+    cache = PagedKVCache(cfg, num_blocks=3, block_size=BLOCK)
+    run_step(model, cache, [StepRow(_tokens(cfg, 12, seed=3), 0, [0, 1, 2])])
+    seq = _tokens(cfg, 6, seed=4)
+    out = run_step(model, cache, [StepRow(seq[:5], 0, [2, 0], logits="none")])
+    assert out.logits.shape == (0, cfg.vocab_size)
+    _close(run_step(model, cache, [StepRow(seq[5:], 5, [2, 0])]).logits[0], _full(model, seq)[-1])
 
 
-@torch.no_grad()
-def test_decode_rows_in_any_order_and_subsets(model: CausalLM) -> None:
-    """A decode batch may hold any subset of the slots, in any order; the others are untouched."""
-    cfg = model.config
-    seqs = _prompts(cfg, seed=5)
-    ids, lengths = _right_padded(seqs)
-    cache = KVCache(cfg, num_slots=4, max_tokens=32)
-    logits = model(ids, cache=cache, slots_B=torch.tensor([0, 1, 2]), input_lengths_B=lengths, last_only=True).logits
-    # Only slots 2 and 0, in that order.
-    sub = [seqs[2], seqs[0]]
-    sub_logits = _decode(model, cache, sub, torch.tensor([2, 0]), steps=2, logits=logits[[2, 0]])
-    assert cache.lengths.tolist() == [PROMPT_LENGTHS[0] + 2, PROMPT_LENGTHS[1], PROMPT_LENGTHS[2] + 2, 0]
-    # Then all three together again.
-    seqs = [sub[1], seqs[1], sub[0]]
-    logits = torch.stack([sub_logits[1], logits[1], sub_logits[0]])
-    _decode(model, cache, seqs, torch.tensor([0, 1, 2]), steps=2, logits=logits)
-
-
-@torch.no_grad()
-def test_prefill_chunk_and_decode_in_one_batch(model: CausalLM) -> None:
-    """Continuous batching: one row decodes a token while another prefills its prompt in the same forward."""
-    cfg = model.config
-    seqs = _prompts(cfg, seed=6)
-    cache = KVCache(cfg, num_slots=2, max_tokens=40)
-    first = model(torch.tensor([seqs[0]]), cache=cache, slots_B=torch.tensor([0]), last_only=True).logits
-    token = int(first[0].argmax())
-    seqs[0].append(token)
-    ids, lengths = _right_padded([[token], seqs[2]])
-    logits = model(ids, cache=cache, slots_B=torch.tensor([0, 1]), input_lengths_B=lengths, last_only=True).logits
-    assert cache.lengths.tolist() == [len(seqs[0]), len(seqs[2])]
-    both = [seqs[0], seqs[2]]
-    _assert_rows_match(model, logits, both)
-    _decode(model, cache, both, torch.tensor([0, 1]), steps=3, logits=logits)
-
-
-@torch.no_grad()
-def test_cache_overflow_raises(model: CausalLM) -> None:
-    cfg = model.config
-    seqs = _prompts(cfg, seed=7)
-    ids, lengths = _right_padded(seqs)
-    cache = KVCache(cfg, num_slots=3, max_tokens=15)
-    logits = model(ids, cache=cache, input_lengths_B=lengths, last_only=True).logits
-    logits = _decode(model, cache, seqs, torch.arange(3), steps=2, logits=logits)  # the longest is full: 15
-    assert cache.lengths.tolist() == [7, 11, 15]
-    with pytest.raises(CacheFullError, match="15"):
-        model(logits.argmax(-1)[:, None], cache=cache, last_only=True)
-    assert cache.lengths.tolist() == [7, 11, 15], "a refused write must not advance the cache"
-    # The rows that still have room can go on without the full one.
-    _decode(model, cache, seqs[:2], torch.tensor([0, 1]), steps=1, logits=logits[:2])
-    # A prompt longer than a slot is refused up front.
-    with pytest.raises(CacheFullError):
-        model(torch.zeros(1, 16, dtype=torch.long), cache=KVCache(cfg, num_slots=1, max_tokens=15))
-
-
-@torch.no_grad()
-def test_reset_slot_reuses_it_for_a_new_sequence(model: CausalLM) -> None:
-    cfg = model.config
-    seqs = _prompts(cfg, seed=8)
-    ids, lengths = _right_padded(seqs)
-    cache = KVCache(cfg, num_slots=3, max_tokens=40)
-    logits = model(ids, cache=cache, input_lengths_B=lengths, last_only=True).logits
-    logits = _decode(model, cache, seqs, torch.arange(3), steps=3, logits=logits)
-    # Sequence 1 finishes; a shorter new one takes its slot (its stale keys lie beyond the new length).
-    cache.reset([1])
-    assert cache.lengths.tolist() == [8, 0, 16]
-    new = _prompts(cfg, lengths=(4,), seed=9)[0]
-    fresh = model(torch.tensor([new]), cache=cache, slots_B=torch.tensor([1]), last_only=True).logits
-    seqs[1] = new
-    logits = torch.stack([logits[0], fresh[0], logits[2]])
-    _assert_rows_match(model, logits, seqs)
-    _decode(model, cache, seqs, torch.arange(3), steps=3, logits=logits)
-    cache.reset()
-    assert cache.lengths.tolist() == [0, 0, 0]
-
-
-def test_cache_shapes_and_size() -> None:
+def test_too_few_blocks_for_a_row_is_refused() -> None:
     cfg = get_preset("debug")
-    cache = KVCache(cfg, num_slots=3, max_tokens=10, dtype=torch.bfloat16)
-    assert cache.num_slots == 3
-    # One scratch column past max_tokens takes the writes of right-padding tokens.
-    assert cache.k.shape == (cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 11, cfg.attn_head_dim)
-    assert cache.k.shape == (2, 3, 1, 11, 32)  # layers, slots, kv heads, max_tokens + 1, head_dim
-    assert cache.nbytes() == 2 * 2 * 3 * 1 * 11 * 32 * 2  # k and v, bf16
-    assert cache.positions(torch.tensor([0, 2]), 3, torch.tensor([3, 2])).tolist() == [[0, 1, 2], [0, 1, 10]]
+    cache = PagedKVCache(cfg, num_blocks=4, block_size=BLOCK)
+    with pytest.raises(ValueError, match="9 positions need 3 blocks, got 2"):
+        PagedStep.build([StepRow([1, 2], 7, [0, 1])], cache, torch.device("cpu"))
 
 
-@torch.no_grad()
-def test_last_only_without_cache_uses_input_lengths(model: CausalLM) -> None:
-    """Right padding never leaks into a causal forward; last_only picks each row's last real token."""
-    seqs = _prompts(model.config, seed=10)
-    ids, lengths = _right_padded(seqs)
-    logits = model(ids, input_lengths_B=lengths, last_only=True).logits
-    _assert_rows_match(model, logits, seqs)
+def test_attention_uses_a_fused_kernel_not_the_math_fallback(model: CausalLM) -> None:
+    """On CPU, SDPA's flash kernel takes masked attention over the folded KV groups (on CUDA, the fused backends
+    are the only ones allowed: ``FUSED_ATTENTION``). The math fallback would materialise fp32 scores."""
+    cfg = model.config
+    cache = PagedKVCache(cfg, num_blocks=8, block_size=BLOCK)
+    with profile() as prof:
+        run_step(model, cache, [StepRow(_tokens(cfg, 9, seed=6), 0, [0, 1, 2]), StepRow([3], 4, [3, 4])])
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert not any("math" in n for n in names)
+
+
+def test_block_bytes() -> None:
+    cfg = get_preset("debug")
+    cache = PagedKVCache(cfg, num_blocks=3, block_size=16, dtype=torch.bfloat16)
+    assert cache.k.shape == (cfg.num_hidden_layers, 3 * 16, cfg.num_key_value_heads, cfg.attn_head_dim)
+    assert cache.nbytes() == 3 * bytes_per_block(cfg, 16, torch.bfloat16)
+    assert bytes_per_block(get_preset("qwen2-57b-a14b"), 16, torch.bfloat16) == 2 * 28 * 4 * 128 * 16 * 2

@@ -1,6 +1,7 @@
 """The continuous-batching engine on one process: output equals batched greedy decoding, requests join and
 leave between steps, a full cache makes requests wait, ignore_eos runs past the stop tokens, and a broken model
-fails requests, not the caller."""
+fails requests, not the caller. Chunked prefill, preemption, n choices, logprobs and penalties: see
+test_engine_scheduling.py."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def _engine(moe_dir, slots: int = 3, max_seq_len: int = 128) -> Engine:
-    runner = LocalRunner(ShardSpec(str(moe_dir), slots, max_seq_len, torch.float32, "cpu"))
-    return Engine(runner, Tokenizer.from_dir(moe_dir))
+def _engine(moe_dir, slots: int = 3, max_seq_len: int = 128, **kw: Any) -> Engine:
+    """An engine running at most ``slots`` sequences, with blocks for that many full-context ones."""
+    blocks = kw.pop("blocks", slots * -(-max_seq_len // 16))
+    runner = LocalRunner(ShardSpec(str(moe_dir), blocks, max_seq_len, torch.float32, "cpu"))
+    return Engine(runner, Tokenizer.from_dir(moe_dir), max_num_seqs=slots, **kw)
 
 
 def _collect(q: queue.Queue) -> tuple[str, Any]:
@@ -98,7 +101,7 @@ def test_a_broken_model_fails_every_request_and_refuses_new_ones(moe_dir):
     def broken(*_: Any) -> Any:
         raise RuntimeError("rank 1 is gone")
 
-    engine.runner.decode = broken  # type: ignore[method-assign]
+    engine.runner.step = broken  # type: ignore[method-assign]
     engine.start()
     queues = [_submit(engine, [5, 6, 7], 10) for _ in range(3)]
     for q in queues:

@@ -3,6 +3,7 @@ running server prints its URL, answers, and shuts down cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,6 +53,9 @@ def test_bad_input_fails_fast_with_a_clear_message(moe_dir: Path, tmp_path: Path
         ((str(moe_dir), "--max-seq-len", "100000"), "exceeds the model's context"),
         ((str(moe_dir), "--max-request-bytes", "0"), "--max-request-bytes must be positive"),
         ((str(moe_dir), "--bogus", "1"), "unrecognized arguments"),
+        ((str(moe_dir), "--kv-cache-gib", "0.0001"), "one sequence of the serving context"),
+        ((str(moe_dir), "--max-num-batched-tokens", "0"), "--max-num-batched-tokens must be at least 1"),
+        ((str(moe_dir / "config.json"), "--plan", "--ep", "3"), "--ep 3 must divide"),
     ]
     for args, words in cases:
         result = _run("serve", *args, timeout=60)
@@ -92,3 +96,18 @@ def test_serve_prints_the_url_answers_and_stops_on_ctrl_c(moe_dir: Path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_plan_sizes_a_rank_from_one_real_step_on_fake_cuda(moe_dir: Path):
+    args = ["--ep", "4", "--gpu-memory-gib", "1", "--max-batch-size", "8", "--max-num-batched-tokens", "64"]
+    result = _run("serve", "--plan", str(moe_dir / "config.json"), *args, "--plan-seq-len", "512", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "512-token sequences" in result.stdout and "EP 4" in result.stdout
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    budget = 0.9 * 2**30
+    assert plan["activations_gib"] > 0 and plan["weights_gib"] > 0
+    left = budget - (plan["weights_gib"] + plan["activations_gib"]) * 2**30
+    assert plan["kv_blocks"] == int(left // plan["kv_block_bytes"])
+    assert plan["sequences_that_fit"] == plan["kv_blocks"] // (512 // 16) and plan["fits"]
+    tiny = _run("serve", "--plan", str(moe_dir / "config.json"), "--gpu-memory-gib", "0.001")
+    assert tiny.returncode == 3 and "does NOT fit" in tiny.stdout
