@@ -1,10 +1,13 @@
-"""``upmoe bench serve``: the endpoint under N concurrent streaming clients vs transformers ``generate``.
+"""``upmoe bench serve``: the endpoint under N concurrent streaming clients vs transformers ``generate`` or vLLM.
 
 Both sides get the same model, the same prompts and one CPU thread per model copy (a replica rank is one Ray
 CPU). The endpoint is measured end to end through HTTP (Ray Serve proxy, ingress, replica): output tokens/s
 over the wall time of the whole run, time to first token and time per output token (p50/p99). transformers
 runs the same requests one after another (a server without batching) and, for reference, as one static batch
-per wave of N prompts. Greedy decoding throughout.
+per wave of N prompts. With ``--vs-vllm VENV``, ``vllm serve`` (bench/vllm_baseline.py) takes transformers'
+place: the same streaming clients drive it with the same requests, and a few non-streamed completions from
+both servers check that they decode the same text. Greedy decoding and ``ignore_eos`` throughout, so every
+request yields exactly ``--max-tokens`` tokens on every side.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -22,10 +26,35 @@ from pathlib import Path
 
 from bench.timing import markdown_table, percentile
 
+MAX_SEQ_LEN = 512  # the context of every server here: prompts are ~60 tokens, outputs --max-tokens
+AGREEMENT_PROMPTS = 8
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def client_counts(text: str) -> list[int]:
+    """``16`` or ``16,64``: each count of concurrent clients is measured in turn against the same server."""
+    counts = [int(c) for c in text.split(",")]
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"client counts must be at least 1, got {text}")
+    return counts
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="model directory (default: a fresh debug-moe from `upmoe init`)")
-    p.add_argument("--clients", type=int, help="concurrent clients (default 16; with --soak 32)")
+    p.add_argument(
+        "--clients",
+        type=client_counts,
+        help="concurrent clients, or a comma-separated list measured in turn (e.g. 16,64; default 16; with --soak 32)",
+    )
+    p.add_argument("--max-batch-size", type=int, help="the servers' concurrent sequences (default: the most --clients)")
+    p.add_argument("--dtype", choices=DTYPES, help="serving dtype (default: the model's, from its config.json)")
+    p.add_argument(
+        "--vs-vllm",
+        type=Path,
+        metavar="VENV",
+        help="compare with `vllm serve` from VENV (make it with bench/vllm_env.sh VENV) instead of transformers: "
+        "same requests, context, sequences, dtype and threads, plus greedy agreement on a few prompts",
+    )
     p.add_argument("--requests", type=int, help="requests in total (default 192; with --soak, give N there)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks of the endpoint's replica")
@@ -61,6 +90,7 @@ async def _one(client, model: str, prompt: str, max_tokens: int) -> RequestTimin
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
+        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -99,8 +129,32 @@ async def _drive(url: str, model: str, prompts: list[str], clients: int, max_tok
     return results
 
 
+async def _completion(client, prompt: str, max_tokens: int) -> str:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return response.json()["choices"][0]["text"]
+
+
+def greedy_texts(url: str, prompts: list[str], max_tokens: int) -> list[str]:
+    """Non-streamed greedy completions, one request at a time (no batching effects on the numbers)."""
+    import httpx
+
+    async def all_of_them() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            return [await _completion(client, p, max_tokens) for p in prompts]
+
+    return asyncio.run(all_of_them())
+
+
+def agreement(a: list[str], b: list[str]) -> float:
+    """The share of identical completions. Both servers detokenise with the same tokenizer.json, so identical
+    greedy token sequences give identical text (and different text means different tokens)."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
 @contextmanager
-def local_endpoint(model_dir: Path, ep: int, clients: int) -> Iterator[str]:
+def local_endpoint(model_dir: Path, ep: int, max_batch_size: int, dtype: str = "auto") -> Iterator[str]:
     """One ``ModelServer`` replica of ``model_dir`` (served as "bench") on a private local Ray; yields its URL."""
     import ray
     from ray import serve
@@ -118,8 +172,9 @@ def local_endpoint(model_dir: Path, ep: int, clients: int) -> Iterator[str]:
             "model_dir": str(model_dir),
             "model_name": "bench",
             "ep": ep,
-            "max_seq_len": 512,
-            "max_batch_size": clients,
+            "max_seq_len": MAX_SEQ_LEN,
+            "max_batch_size": max_batch_size,
+            "dtype": dtype,
             "min_replicas": 1,
             "max_replicas": 1,
         }
@@ -130,12 +185,16 @@ def local_endpoint(model_dir: Path, ep: int, clients: int) -> Iterator[str]:
         ray.shutdown()
 
 
-def measure_endpoint(model_dir: Path, args: argparse.Namespace, prompts: list[str]) -> dict:
-    with local_endpoint(model_dir, args.ep, args.clients) as url:
-        asyncio.run(_drive(url, "bench", prompts[: args.clients], args.clients, 8))  # warm-up
-        start = time.perf_counter()
-        timings = asyncio.run(_drive(url, "bench", prompts, args.clients, args.max_tokens))
-        wall = time.perf_counter() - start
+def measure(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
+    """One timed run of all ``prompts`` from ``clients`` streaming clients, after a warm-up at that load.
+
+    The warm-up is two waves of whole requests, so that every batch shape of the run (ramp-up, full batches,
+    ramp-down) has been seen once: vLLM's first run at a load is slow, and after a warm-up of one short wave
+    its first measured run was half as fast as its second (debug-moe, 667 vs 1,278 tok/s)."""
+    asyncio.run(_drive(url, "bench", prompts[: 2 * clients], clients, max_tokens))
+    start = time.perf_counter()
+    timings = asyncio.run(_drive(url, "bench", prompts, clients, max_tokens))
+    wall = time.perf_counter() - start
     ttfts = [t.ttft for t in timings]
     tpots = [t.tpot for t in timings if t.tpot is not None]
     tokens = sum(t.tokens for t in timings)
@@ -150,7 +209,16 @@ def measure_endpoint(model_dir: Path, args: argparse.Namespace, prompts: list[st
     }
 
 
-def measure_transformers(model_dir: Path, prompts: list[str], max_tokens: int, wave: int) -> dict:
+def measure_all(url: str, prompts: list[str], args: argparse.Namespace) -> dict[int, dict]:
+    return {clients: measure(url, prompts, clients, args.max_tokens) for clients in args.clients}
+
+
+def model_dtype(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype") or "float32"
+
+
+def measure_transformers(model_dir: Path, prompts: list[str], max_tokens: int, wave: int, dtype: str) -> dict:
     import torch
     import transformers
 
@@ -158,7 +226,7 @@ def measure_transformers(model_dir: Path, prompts: list[str], max_tokens: int, w
 
     torch.set_num_threads(1)  # one replica rank's worth of CPU
     tok = Tokenizer.from_dir(model_dir)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     encoded = [tok.encode(p) for p in prompts]
     gen = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
@@ -206,16 +274,34 @@ def run(args: argparse.Namespace) -> int:
         from bench.soak import run_soak
 
         return run_soak(args)
-    args.clients = args.clients or 16
+    args.clients = args.clients or [16]
     args.requests = args.requests or 192
+    if args.vs_vllm is None and len(args.clients) > 1:
+        raise ValueError("a list of --clients needs --vs-vllm (the transformers baseline runs one wave size)")
+    if args.vs_vllm is not None:
+        from bench.vllm_baseline import venv_python
+
+        venv_python(args.vs_vllm)  # a missing vLLM fails now, not after the upmoe run
     with bench_model(args.model) as model_dir:
+        args.dtype = args.dtype or model_dtype(model_dir)
+        args.max_batch_size = args.max_batch_size or max(args.clients)
         prompts = prompts_for(args.requests)
-        endpoint = measure_endpoint(model_dir, args, prompts)
-        hf = measure_transformers(model_dir, prompts, args.max_tokens, args.clients)
+        with local_endpoint(model_dir, args.ep, args.max_batch_size, args.dtype) as url:
+            upmoe = measure_all(url, prompts, args)
+            texts = greedy_texts(url, prompts[:AGREEMENT_PROMPTS], args.max_tokens) if args.vs_vllm else []
+        if args.vs_vllm is not None:
+            return run_vs_vllm(args, model_dir, prompts, upmoe, texts)
+        hf = measure_transformers(model_dir, prompts, args.max_tokens, args.clients[0], args.dtype)
+    report_vs_transformers(args, upmoe[args.clients[0]], hf)
+    return 0
+
+
+def report_vs_transformers(args: argparse.Namespace, endpoint: dict, hf: dict) -> None:
+    clients = args.clients[0]
     ms = 1000.0
     rows = [
         [
-            f"upmoe serve (EP={args.ep}, {args.clients} clients, HTTP)",
+            f"upmoe serve (EP={args.ep}, {clients} clients, HTTP)",
             endpoint["tokens_per_s"],
             1.0,
             endpoint["ttft_p50"] * ms,
@@ -226,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     for name, r in (
         ("transformers generate, one request at a time", hf["sequential"]),
-        (f"transformers generate, static batches of {args.clients}", hf["static_batch"]),
+        (f"transformers generate, static batches of {clients}", hf["static_batch"]),
     ):
         rows.append([name, r["tokens_per_s"], r["tokens_per_s"] / endpoint["tokens_per_s"], "", "", "", ""])
     print(f"{args.requests} requests x {args.max_tokens} output tokens, greedy, 1 CPU thread per model copy")
@@ -243,4 +329,77 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps({"endpoint": endpoint, "transformers": hf, "speedup_vs_sequential": speedup}))
+
+
+def run_vs_vllm(args: argparse.Namespace, model_dir: Path, prompts: list[str], upmoe: dict, texts: list[str]) -> int:
+    """vLLM on the same requests, after the upmoe endpoint has stopped (the two never share the cores)."""
+    import httpx
+
+    from bench.vllm_baseline import VllmSettings, vllm_endpoint
+    from serve.gang import free_port
+
+    settings = VllmSettings(
+        model_dir=model_dir,
+        port=free_port(),
+        dtype=args.dtype,
+        max_num_seqs=args.max_batch_size,
+        max_model_len=MAX_SEQ_LEN,
+        threads=args.ep,  # one thread per upmoe replica rank
+    )
+    log = Path(tempfile.gettempdir()) / f"upmoe-bench-vllm-{settings.port}.log"
+    print(f"vllm serve: log in {log}")
+    with vllm_endpoint(args.vs_vllm, settings, log) as url:
+        version = httpx.get(f"{url}/version").json()["version"]
+        vllm = measure_all(url, prompts, args)
+        vllm_texts = greedy_texts(url, prompts[:AGREEMENT_PROMPTS], args.max_tokens)
+    same = agreement(texts, vllm_texts)
+    print(
+        f"{args.requests} requests x {args.max_tokens} output tokens, greedy, ignore_eos, {args.dtype}, "
+        f"{args.ep} CPU thread(s) per server, {args.max_batch_size} sequences, context {MAX_SEQ_LEN}"
+    )
+    print(
+        markdown_table(
+            [
+                "system",
+                "clients",
+                "output tok/s",
+                "tok/s ÷ vLLM",
+                "TTFT p50 ms",
+                "TTFT p50 ÷ vLLM",
+                "TTFT p99 ms",
+                "TPOT p50 ms",
+                "TPOT p99 ms",
+            ],
+            comparison_rows(f"upmoe serve (EP={args.ep})", f"vLLM {version} (CPU)", upmoe, vllm),
+        )
+    )
+    print(f"greedy agreement: {same:.0%} of {len(texts)} non-streamed completions identical")
+    for i, (a, b) in enumerate(zip(texts, vllm_texts, strict=True)):
+        if a != b:  # a late divergence is a near-tie between two tokens; an early one, a different model
+            print(f"  prompt {i}: the first {len(os.path.commonprefix([a, b]))} of {len(a)} characters agree")
+    if args.json:
+        print(json.dumps({"upmoe": upmoe, "vllm": vllm, "vllm_version": version, "greedy_agreement": same}))
     return 0
+
+
+def comparison_rows(upmoe_name: str, vllm_name: str, upmoe: dict[int, dict], vllm: dict[int, dict]) -> list[list]:
+    """Per client count, upmoe's row then vLLM's; the ratios are upmoe ÷ vLLM (tok/s < 1 and TTFT > 1: slower)."""
+    ms = 1000.0
+    rows = []
+    for clients, v in vllm.items():
+        u = upmoe[clients]
+        for name, r in ((upmoe_name, u), (vllm_name, v)):
+            rows.append(
+                [
+                    name,
+                    clients,
+                    r["tokens_per_s"],
+                    r["tokens_per_s"] / v["tokens_per_s"],
+                    r["ttft_p50"] * ms,
+                    r["ttft_p50"] / v["ttft_p50"],
+                    r["ttft_p99"] * ms,
+                    r["tpot_p50"] * ms,
+                    r["tpot_p99"] * ms,
+                ]
+            )
+    return rows

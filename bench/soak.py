@@ -215,8 +215,11 @@ def run_soak(args: argparse.Namespace) -> int:
 
     if args.requests is not None:
         raise SystemExit("--soak N sets the number of requests; drop --requests")
-    clients = args.clients or 32
-    with bench_model(args.model) as model_dir, local_endpoint(model_dir, args.ep, clients) as url:
+    if args.vs_vllm is not None or (args.clients and len(args.clients) > 1):
+        raise SystemExit("--soak takes one --clients count and no --vs-vllm")
+    clients = args.clients[0] if args.clients else 32
+    batch = args.max_batch_size or clients
+    with bench_model(args.model) as model_dir, local_endpoint(model_dir, args.ep, batch, args.dtype or "auto") as url:
         result = soak(url, "bench", args.soak, clients, args.max_tokens, prompts_for(256))
     report(result, clients, args.max_tokens)
     if args.json:
