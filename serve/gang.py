@@ -147,17 +147,19 @@ class GangRunner:
         ray.get(joins)
         self.num_slots, self.max_seq_len = spec.num_slots, spec.max_seq_len
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput:
-        return self._mirror("prefill", prompts, slots)
+    def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: list[bool] | None = None) -> StepOutput:
+        # Only rank 0 samples, so only it returns the logits at every position; the workers' steps are the same.
+        return self._mirror("prefill", prompts, slots, all_logits=all_logits)
 
     def decode(self, tokens: list[int], slots: list[int]) -> StepOutput:
         return self._mirror("decode", tokens, slots)
 
-    def _mirror(self, op: str, *args: Any) -> StepOutput:
+    def _mirror(self, op: str, *args: Any, **local: Any) -> StepOutput:
+        """Run ``op(*args)`` on every rank; ``local`` keyword arguments go to rank 0's own shard only."""
         import ray
 
         pending = [getattr(w, op).remote(*args) for w in self.workers]
-        out = getattr(self.shard, op)(*args)
+        out = getattr(self.shard, op)(*args, **local)
         ray.get(pending)
         return out
 

@@ -80,17 +80,27 @@ class ModelShard:
         self.max_seq_len = spec.max_seq_len
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput:
-        """Start new sequences in ``slots`` (whatever the slots held before is forgotten)."""
+    def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: list[bool] | None = None) -> StepOutput:
+        """Start new sequences in ``slots`` (whatever the slots held before is forgotten). ``all_logits[b]``:
+        also return row b's logits at every prompt position (for prompt logprobs)."""
         slots_B = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.cache.reset(slots_B)
         ids_BT, lengths_B = pad_right(prompts)
         lengths_B = lengths_B.to(self.device)
+        every = any(all_logits or ())
         out = self.model(
-            ids_BT.to(self.device), cache=self.cache, slots_B=slots_B, input_lengths_B=lengths_B, last_only=True
+            ids_BT.to(self.device), cache=self.cache, slots_B=slots_B, input_lengths_B=lengths_B, last_only=not every
         )
         real_T = (torch.arange(ids_BT.shape[1], device=self.device)[None, :] < lengths_B[:, None]).reshape(-1)
-        return StepOutput(out.logits.float(), self._expert_counts(out, real_T))
+        counts = self._expert_counts(out, real_T)
+        if not every:
+            return StepOutput(out.logits.float(), counts)
+        last_BV = out.logits[torch.arange(len(prompts), device=self.device), lengths_B - 1].float()
+        rows = tuple(
+            out.logits[b, : len(p)].float() if wanted else None
+            for b, (p, wanted) in enumerate(zip(prompts, all_logits or (), strict=True))
+        )
+        return StepOutput(last_BV, counts, rows)
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], slots: list[int]) -> StepOutput:
@@ -115,8 +125,8 @@ class LocalRunner:
         self.num_slots = spec.num_slots
         self.max_seq_len = spec.max_seq_len
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> StepOutput:
-        return self.shard.prefill(prompts, slots)
+    def prefill(self, prompts: list[list[int]], slots: list[int], all_logits: list[bool] | None = None) -> StepOutput:
+        return self.shard.prefill(prompts, slots, all_logits)
 
     def decode(self, tokens: list[int], slots: list[int]) -> StepOutput:
         return self.shard.decode(tokens, slots)
