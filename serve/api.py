@@ -352,15 +352,16 @@ def chat_logprobs(entries: Sequence[TokenLogprob], names: TokenTexts) -> dict[st
 
 
 def completion_logprobs(
-    ids: Sequence[int], entries: Sequence[TokenLogprob | None], offsets: TextOffsets, *, prompt: bool
+    ids: Sequence[int], entries: Sequence[TokenLogprob | None], offsets: TextOffsets, prompt_tokens: int = 0
 ) -> dict[str, Any]:
-    """The legacy completions logprobs object for these tokens (prompt tokens of an echo, or generated ones,
-    whose special tokens the text does not show); ``offsets`` carries on from the choice's earlier tokens."""
+    """The legacy completions logprobs object for these tokens: the first ``prompt_tokens`` are an echoed
+    prompt, the rest generated (whose text does not show special tokens); ``offsets`` carries on from the
+    choice's earlier tokens."""
     names = offsets.names
     tokens, logprobs, tops, text_offset = [], [], [], []
-    for token, entry in zip(ids, entries, strict=True):
+    for position, (token, entry) in enumerate(zip(ids, entries, strict=True)):
         tokens.append(names.text(token))
-        text_offset.append(offsets.push(token, shown=prompt or not names.special(token)))
+        text_offset.append(offsets.push(token, shown=position < prompt_tokens or not names.special(token)))
         if entry is None:
             logprobs.append(None)
             tops.append(None)
@@ -410,6 +411,7 @@ class Choices:
     def __init__(self, body: ChatRequest | CompletionRequest, prompts: list[PromptInput], names: TokenTexts) -> None:
         self.chat = isinstance(body, ChatRequest)
         self.object = "chat.completion" if self.chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
         self.n, self.prompts, self.names = body.n, prompts, names
         self.logprobs = body.logprob_count()
         self.echo = isinstance(body, CompletionRequest) and body.echo
@@ -449,25 +451,20 @@ class Choices:
             return {"index": self.index(i, j), "message": message, "logprobs": logprobs, "finish_reason": reason}
         legacy = None
         if self.logprobs is not None:
-            offsets = TextOffsets(self.names)
-            legacy = self._echo_logprobs(i, prompt_entries, offsets) if self.echo else None
-            generated = completion_logprobs([e.token for e in out.logprobs], out.logprobs, offsets, prompt=False)
-            legacy = generated if legacy is None else {k: legacy[k] + generated[k] for k in legacy}
+            echoed = self.prompts[i].ids if self.echo else []
+            ids = [*echoed, *(e.token for e in out.logprobs)]
+            entries = [*(prompt_entries if self.echo else ()), *out.logprobs]
+            legacy = completion_logprobs(ids, entries, TextOffsets(self.names), len(echoed))
         text = (self.prompts[i].text if self.echo else "") + out.text
         return {"index": self.index(i, j), "text": text, "logprobs": legacy, "finish_reason": reason}
-
-    def _echo_logprobs(self, i: int, entries: tuple[TokenLogprob | None, ...], offsets: TextOffsets) -> dict[str, Any]:
-        return completion_logprobs(self.prompts[i].ids, entries, offsets, prompt=True)
 
     # ---- streamed answers: one choice object per chunk ----
 
     def chunk(self, rid: str, model: str, created: int, choice: dict[str, Any]) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        return {"id": rid, "object": self.chunk_object, "created": created, "model": model, "choices": [choice]}
 
     def usage_chunk(self, rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": []}
+        body = {"id": rid, "object": self.chunk_object, "created": created, "model": model, "choices": []}
         return {**body, "usage": usage(prompt_tokens, completion_tokens)}
 
     def opening(self, i: int, prompt_entries: tuple[TokenLogprob | None, ...]) -> list[dict[str, Any]]:
@@ -484,7 +481,8 @@ class Choices:
         for j in range(self.n):
             legacy = None
             if self.logprobs is not None:
-                legacy = self._echo_logprobs(i, prompt_entries, self._stream_offsets(self.index(i, j)))
+                ids = self.prompts[i].ids
+                legacy = completion_logprobs(ids, prompt_entries, self._stream_offsets(self.index(i, j)), len(ids))
             opened.append(
                 {"index": self.index(i, j), "text": self.prompts[i].text, "logprobs": legacy, "finish_reason": None}
             )
@@ -498,7 +496,7 @@ class Choices:
         legacy = None
         if self.logprobs is not None:
             ids = [e.token for e in event.logprobs]
-            legacy = completion_logprobs(ids, event.logprobs, self._stream_offsets(index), prompt=False)
+            legacy = completion_logprobs(ids, event.logprobs, self._stream_offsets(index))
         return {"index": index, "text": event.text, "logprobs": legacy, "finish_reason": None}
 
     def finish(self, i: int, event: Finished) -> dict[str, Any]:
