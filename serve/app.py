@@ -30,22 +30,30 @@ from moe_core.loading import parse_dtype
 from moe_core.tokenizer import Tokenizer, TokenizerError
 from serve.api import (
     ChatRequest,
+    Choices,
     CompletionRequest,
     OpenAIError,
+    PromptInput,
     bad_request,
-    chunk_body,
-    completion_body,
     new_id,
     sse,
-    usage_chunk,
 )
 from serve.edge import install_error_handlers, parse_json, read_body, request_byte_limit
-from serve.engine import Engine, EngineFailedError, Event, Failed, Finished, GenerationRequest, TextDelta
+from serve.engine import (
+    Engine,
+    EngineFailedError,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    PromptLogprobs,
+    TextDelta,
+)
 from serve.openapi import SECURED, body_of, error_responses, publish
 from serve.options import ServeOptions
 from serve.plan import kv_cache_blocks
 from serve.runner import ShardSpec, check_expert_split, serving_context
-from serve.sampling import SamplingParams
+from serve.text import TokenTexts
 
 log = logging.getLogger("ray.serve")
 
@@ -87,14 +95,20 @@ def shard_spec(opts: ServeOptions) -> ShardSpec:
 
 
 def merge_text(events: list[Event]) -> list[Event]:
-    """Join consecutive text deltas of the same choice (their concatenation is all a client can observe)."""
+    """Join each choice's text deltas into its first one (their concatenation, text and logprobs, is all a
+    client can observe; a choice's deltas all come before its Finished, and choices are independent)."""
     merged: list[Event] = []
+    first: dict[int, int] = {}  # choice index -> position of its first delta in merged
     for event in events:
-        last = merged[-1] if merged else None
-        if isinstance(event, TextDelta) and isinstance(last, TextDelta) and last.index == event.index:
-            merged[-1] = TextDelta(last.text + event.text, event.index, last.logprobs + event.logprobs)
-        else:
-            merged.append(event)
+        if isinstance(event, TextDelta) and event.index in first:
+            at = first[event.index]
+            prev = merged[at]
+            assert isinstance(prev, TextDelta)
+            merged[at] = TextDelta(prev.text + event.text, prev.index, prev.logprobs + event.logprobs)
+            continue
+        if isinstance(event, TextDelta):
+            first[event.index] = len(merged)
+        merged.append(event)
     return merged
 
 
@@ -127,8 +141,8 @@ class ModelServer:
         """Stream the request's events, coalesced: each message carries everything that arrived meanwhile.
 
         Every message is a hop through Ray to the ingress (and another to the HTTP proxy), so the first message
-        goes at once and later ones at most every STREAM_INTERVAL_S. If the caller goes away, the sequence is
-        cancelled.
+        goes at once and later ones at most every STREAM_INTERVAL_S. The stream ends when all n choices have
+        finished (or failed). If the caller goes away, the request is cancelled.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -157,18 +171,15 @@ class ModelServer:
         finally:
             self.engine.cancel(handle)
 
-    async def complete(self, request: GenerationRequest) -> tuple[str, Finished]:
-        """The whole text and how it ended, in one message (non-streaming requests)."""
-        parts: list[str] = []
+    async def complete(self, request: GenerationRequest) -> list[Event]:
+        """All the request's events in one message, each choice's text joined (non-streaming requests)."""
+        events: list[Event] = []
         async for batch in self.generate(request):
-            for event in batch:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    return "".join(parts), event
-                elif isinstance(event, Failed):
-                    raise EngineFailedError(event.message)
-        raise EngineFailedError("the request ended without finishing")
+            events.extend(batch)
+        failed = next((e for e in events if isinstance(e, Failed)), None)
+        if failed is not None:
+            raise EngineFailedError(failed.message)
+        return merge_text(events)
 
     def check_health(self) -> None:
         if self.engine.failure is not None:
@@ -249,25 +260,72 @@ async def _first_event(events: AsyncIterator[Event]) -> Event:
     return event
 
 
+async def _all(calls: list[Any]) -> list[Any]:
+    """Await the calls together (a request's prompts run concurrently); if one fails, cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _after(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    yield first
+    async for event in events:
+        yield event
+
+
+async def _merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
+    """Every prompt's events as they arrive, each with its prompt's position; cancels them all when closed."""
+    queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
+
+    async def pump(i: int, events: AsyncIterator[Event]) -> None:
+        try:
+            async for event in events:
+                await queue.put((i, event))
+        except Exception as exc:  # never leave the reader waiting for a prompt that will send nothing
+            await queue.put((i, Failed(f"the model replica failed mid-generation: {exc}")))
+        await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            i, event = await queue.get()
+            if event is None:
+                open_streams -= 1
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def _sse_stream(
-    rid: str, model: str, chat: bool, first: Event, events: AsyncIterator[Event], include_usage: bool
+    rid: str, model: str, choices: Choices, streams: list[AsyncIterator[Event]], include_usage: bool
 ) -> AsyncIterator[str]:
     created = int(time.time())
-    if chat:
-        yield sse(chunk_body(rid, model, created, chat, role=True, text=""))
-    event = first
-    while True:
+    started: set[int] = set()
+    prompt_tokens = completion_tokens = 0
+    async for i, event in _merge(streams):
+        if i not in started:  # prompt i's first event: its choices open (with the echo and its logprobs)
+            started.add(i)
+            prompt_tokens += len(choices.prompts[i].ids)
+            entries = event.entries if isinstance(event, PromptLogprobs) else ()
+            for choice in choices.opening(i, entries):
+                yield sse(choices.chunk(rid, model, created, choice))
         if isinstance(event, TextDelta):
-            yield sse(chunk_body(rid, model, created, chat, text=event.text))
+            yield sse(choices.chunk(rid, model, created, choices.delta(i, event)))
         elif isinstance(event, Finished):
-            yield sse(chunk_body(rid, model, created, chat, finish=event.reason))
-            if include_usage:
-                yield sse(usage_chunk(rid, model, created, chat, event))
-            break
+            completion_tokens += event.completion_tokens
+            yield sse(choices.chunk(rid, model, created, choices.finish(i, event)))
         elif isinstance(event, Failed):
             yield sse(OpenAIError(503, event.message, type_="server_error").body())
             break
-        event = await anext(events)
+    else:
+        if include_usage:
+            yield sse(choices.usage_chunk(rid, model, created, prompt_tokens, completion_tokens))
     yield sse("[DONE]")
 
 
@@ -277,6 +335,7 @@ class OpenAIIngress:
         self.model = model
         self.opts = ServeOptions(**options)
         self.tokenizer = Tokenizer.from_dir(self.opts.model_dir)
+        self.names = TokenTexts(self.tokenizer)
         self.max_seq_len = serving_context(check_expert_split(self.opts.model_dir, self.opts.ep), self.opts.max_seq_len)
         self.max_request_bytes = request_byte_limit(self.opts.max_request_bytes, self.max_seq_len)
 
@@ -319,15 +378,16 @@ class OpenAIIngress:
     @api.post("/v1/completions", responses=POST_ERRORS, openapi_extra=body_of(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         body: CompletionRequest = await self._accept(request, CompletionRequest)
-        if isinstance(body.prompt, str):
-            prompt_ids = self.tokenizer.encode(body.prompt)
-        elif body.prompt and isinstance(body.prompt[0], str):
-            prompt_ids = self.tokenizer.encode(body.prompt[0])
-        else:
-            prompt_ids = [int(t) for t in body.prompt]
-            if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt_ids):
-                raise bad_request("prompt token ids must be in the vocabulary", "prompt")
-        return await self._respond(body, prompt_ids, chat=False)
+        return await self._respond(body, [self._prompt_input(p, body.echo) for p in body.prompts()])
+
+    def _prompt_input(self, prompt: str | list[int], echo: bool) -> PromptInput:
+        if isinstance(prompt, str):
+            return PromptInput(self.tokenizer.encode(prompt), prompt)
+        ids = [int(t) for t in prompt]
+        if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
+            raise bad_request("prompt token ids must be in the vocabulary", "prompt")
+        # An echo of token ids shows them decoded, special tokens and all (it is what the model read).
+        return PromptInput(ids, self.tokenizer.decode(ids, skip_special_tokens=False) if echo else "")
 
     @api.post("/v1/chat/completions", responses=POST_ERRORS, openapi_extra=body_of(ChatRequest))
     async def chat_completions(self, request: Request) -> Any:
@@ -337,7 +397,7 @@ class OpenAIIngress:
             prompt_ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
         except TokenizerError as exc:
             raise bad_request(str(exc), "messages") from exc
-        return await self._respond(body, prompt_ids, chat=True)
+        return await self._respond(body, [PromptInput(prompt_ids, "")])
 
     def _generation_request(self, body: Any, prompt_ids: list[int]) -> GenerationRequest:
         if not prompt_ids:
@@ -355,20 +415,38 @@ class OpenAIIngress:
                 f"({len(prompt_ids)} in the prompt, {max_tokens} for the completion)",
                 "max_tokens",
             )
-        sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-        return GenerationRequest(prompt_ids, max_tokens, sampling, body.stop_strings(), ignore_eos=body.ignore_eos)
+        logprobs = body.logprob_count()
+        echo = isinstance(body, CompletionRequest) and body.echo
+        return GenerationRequest(
+            prompt_ids,
+            max_tokens,
+            body.sampling_params(),
+            body.stop_strings(),
+            ignore_eos=body.ignore_eos,
+            n=body.n,
+            logprobs=logprobs,
+            prompt_logprobs=logprobs if echo else None,
+        )
 
-    async def _respond(self, body: Any, prompt_ids: list[int], chat: bool) -> Any:
-        gen = self._generation_request(body, prompt_ids)
-        rid = new_id("chatcmpl" if chat else "cmpl")
+    async def _respond(self, body: Any, prompts: list[PromptInput]) -> Any:
+        """Generate for every prompt (each with the request's n choices), whole or streamed."""
+        gens = [self._generation_request(body, p.ids) for p in prompts]  # every prompt is checked before any runs
+        choices = Choices(body, prompts, self.names)
+        rid = new_id("chatcmpl" if choices.chat else "cmpl")
         if not body.stream:
-            text, done = await self._with_retries(lambda: self.model.complete.remote(gen))
-            return JSONResponse(completion_body(rid, body.model, text, done, chat))
-        events = self._events(gen)
-        first = await _first_event(events)  # errors before the first token become HTTP errors, not broken streams
+            answers = await _all([self._with_retries(lambda g=g: self.model.complete.remote(g)) for g in gens])
+            return JSONResponse(choices.body(rid, body.model, answers))
+        streams = [self._events(g) for g in gens]
+        try:  # errors before the first token become HTTP errors, not broken streams
+            firsts = await _all([_first_event(s) for s in streams])
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        started = [_after(first, s) for first, s in zip(firsts, streams, strict=True)]
         return StreamingResponse(
-            _sse_stream(rid, body.model, chat, first, events, include_usage), media_type="text/event-stream"
+            _sse_stream(rid, body.model, choices, started, include_usage), media_type="text/event-stream"
         )
 
     async def _with_retries(self, call: Any) -> Any:

@@ -27,14 +27,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from moe_core.kv_cache import StepRow, blocks_for
 from moe_core.tokenizer import Tokenizer
-from serve.sampling import SamplingParams, TokenLogprob, make_generator, penalised, sample, token_logprobs
+from serve.sampling import SamplingParams, TokenLogprob, make_generator, penalised, sample, top_logprobs
 from serve.text import TextStream
 
 DEFAULT_MAX_BATCHED_TOKENS = 2048
@@ -275,14 +275,11 @@ class Engine:
             )
 
     def _new_sequence(self, handle: RequestHandle, sink: Callable[[Event], None], index: int) -> _Sequence:
-        sampling = handle.request.sampling
-        if sampling.seed is not None and index:  # each choice its own reproducible stream
-            sampling = replace(sampling, seed=sampling.seed + index)
         return _Sequence(
             handle,
             sink,
             TextStream(self.tokenizer, handle.request.stop),
-            make_generator(sampling),
+            make_generator(handle.request.sampling, index),  # choice j draws from seed + j
             time.monotonic(),
             list(handle.request.prompt_ids),
             index=index,
@@ -404,7 +401,7 @@ class Engine:
             first = targets[0] - 1 - row.start
             chosen = [prompt[t] for t in targets]
             k = seq.request.prompt_logprobs or 0
-            seq.prompt_entries += token_logprobs(logits_TV[first : first + len(targets)], chosen, k)
+            seq.prompt_entries += top_logprobs(logits_TV[first : first + len(targets)], chosen, k)
         if len(seq.prompt_entries) == len(prompt):
             seq.prompt_scored = True
             seq.sink(PromptLogprobs(tuple(seq.prompt_entries)))
@@ -422,7 +419,7 @@ class Engine:
         for (seq, logits_V), best in zip(expanded, greedy, strict=True):
             token = self._choose(seq, logits_V, best)
             if seq.request.logprobs is not None:
-                seq.pending_logprobs += token_logprobs(logits_V[None], [token], seq.request.logprobs)
+                seq.pending_logprobs += top_logprobs(logits_V[None], [token], seq.request.logprobs)
             seq.tokens.append(token)
             if seq.first_token_at is None:
                 seq.first_token_at = now
@@ -434,10 +431,9 @@ class Engine:
 
     def _choose(self, seq: _Sequence, logits_V: torch.Tensor, best: int) -> int:
         params = seq.request.sampling
-        if params.presence_penalty or params.frequency_penalty:
-            logits_V = penalised(logits_V, seq.generated, params)
-            best = int(torch.argmax(logits_V))
-        return best if params.greedy else sample(logits_V, params, seq.generator)
+        if params.greedy and not params.penalises:
+            return best
+        return sample(penalised(logits_V, seq.generated, params), params, seq.generator)
 
     def _fork(self, parent: _Sequence) -> list[_Sequence]:
         """The other n - 1 choices, once the prompt is read: they share its full blocks; the partial last one's

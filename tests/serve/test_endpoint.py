@@ -154,7 +154,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT}, 400, "context"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi " * (2 * CONTEXT)}, 400, "context"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=3 is not supported"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 65, "n": 2}, 400, "at most 128 per request"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], []]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["hi", ""]}, 400, "the prompt is empty"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[5, 6], [10**9]]}, 400, "vocabulary"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
     ("/v1/completions", b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode(), 400, "NaN"),
@@ -215,19 +219,13 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 # Fields the endpoint does not implement, at values that ask for something, and fields it has never heard of:
 # each is a 400 whose param names the field (the refusal happens in the ingress, before any model work).
 REFUSED_FIELDS = [
-    (COMPLETION, {"n": 2}, "n"),
-    (COMPLETION, {"logprobs": 0}, "logprobs"),  # 0 asks for the sampled token's logprob, it is not false
-    (COMPLETION, {"presence_penalty": 0.5}, "presence_penalty"),
-    (COMPLETION, {"frequency_penalty": -0.5}, "frequency_penalty"),
     (COMPLETION, {"logit_bias": {"5": 100}}, "logit_bias"),
-    (COMPLETION, {"echo": True}, "echo"),
     (COMPLETION, {"best_of": 2}, "best_of"),
     (COMPLETION, {"suffix": "end"}, "suffix"),
     (COMPLETION, {"top_k": 40}, "top_k"),  # unknown here (a vLLM extension this endpoint lacks)
     (COMPLETION, {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
     (COMPLETION, {"temperature": 7}, "temperature"),  # a validation error names its field too
-    (CHAT, {"logprobs": True}, "logprobs"),
-    (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+    (CHAT, {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     (CHAT, {"tools": [TOOL]}, "tools"),
     (CHAT, {"tool_choice": "auto"}, "tool_choice"),
     (CHAT, {"parallel_tool_calls": True}, "parallel_tool_calls"),
@@ -258,6 +256,34 @@ REFUSED_FIELDS = [
 ]
 
 
+# The implemented fields outside their ranges: a 400 naming the field too.
+OUT_OF_RANGE = [
+    (COMPLETION, {"n": 0}, "n"),
+    (COMPLETION, {"n": 129}, "n"),
+    (CHAT, {"n": 1.0}, "n"),
+    (COMPLETION, {"logprobs": 21}, "logprobs"),  # the documented cap is 20 (OpenAI's is 5)
+    (COMPLETION, {"logprobs": -1}, "logprobs"),
+    (COMPLETION, {"logprobs": True}, "logprobs"),  # an integer, not a boolean, in the legacy API
+    (COMPLETION, {"echo": 1}, "echo"),
+    (CHAT, {"logprobs": 1}, "logprobs"),  # a boolean in chat
+    (CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CHAT, {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    (COMPLETION, {"presence_penalty": 2.5}, "presence_penalty"),
+    (CHAT, {"frequency_penalty": -2.01}, "frequency_penalty"),
+    (COMPLETION, {"frequency_penalty": "1"}, "frequency_penalty"),
+]
+
+
+@pytest.mark.parametrize("path,fields,param", OUT_OF_RANGE)
+def test_implemented_fields_out_of_range_are_refused_by_name(url, path, fields, param):
+    base = {"model": MODEL, "max_tokens": 4}
+    base.update({"prompt": "hi"} if path == COMPLETION else {"messages": [{"role": "user", "content": "hi"}]})
+    response = _post(url, path, {**base, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
 @pytest.mark.parametrize("path,fields,param", REFUSED_FIELDS)
 def test_fields_the_endpoint_does_not_implement_are_refused_by_name(url, path, fields, param):
     base = {"model": MODEL, "max_tokens": 4}
@@ -281,7 +307,7 @@ def test_defaults_of_unimplemented_fields_and_informational_fields_are_accepted(
         "tools": None,
         "tool_choice": "none",
         "response_format": {"type": "text"},
-        "top_logprobs": None,
+        "top_logprobs": 0,
         "store": False,
     }
     for path, body in ((COMPLETION, completion), (CHAT, chat)):
@@ -296,6 +322,119 @@ def test_ignore_eos_generates_past_the_end_of_turn_up_to_max_tokens(client):
     assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 24, "needs an early EOS"
     ignored = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
     assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 24
+
+
+def _sse_chunks(url: str, path: str, body: dict) -> list[dict]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def _joined_legacy(pieces: list[dict | None]) -> dict:
+    joined: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for piece in pieces:
+        for key in joined:
+            joined[key] += piece[key] if piece else []
+    return joined
+
+
+def test_completion_echo_with_logprobs_lists_prompt_and_generated_tokens(url, tokenizer):
+    prompt = "Once upon a time"
+    ids = tokenizer.encode(prompt)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True}
+    whole = _post(url, COMPLETION, body).json()
+    choice = whole["choices"][0]
+    lp = choice["logprobs"]
+    total = len(ids) + whole["usage"]["completion_tokens"]
+    assert choice["text"].startswith(prompt)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == total
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts the first token
+    assert lp["tokens"][: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    for token, logprob, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+        assert top[token] == logprob <= 0 and 2 <= len(top) <= 3  # the chosen token and the 2 most likely
+    generated = list(zip(lp["token_logprobs"][len(ids) :], lp["top_logprobs"][len(ids) :], strict=True))
+    assert all(logprob == max(top.values()) for logprob, top in generated)  # greedy
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(total)]  # ASCII: plain offsets
+    assert lp["text_offset"][len(ids)] == len(prompt)
+    streamed = _sse_chunks(url, COMPLETION, body)
+    assert "".join(c["choices"][0]["text"] for c in streamed) == choice["text"]
+    assert _joined_legacy([c["choices"][0]["logprobs"] for c in streamed]) == lp
+    plain = _post(url, COMPLETION, {**body, "echo": False}).json()["choices"][0]
+    assert plain["text"] == choice["text"][len(prompt) :]
+    assert plain["logprobs"]["tokens"] == lp["tokens"][len(ids) :] and plain["logprobs"]["text_offset"][0] == 0
+
+
+def test_chat_logprobs_and_top_logprobs_in_openai_format(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(logprobs=True, top_logprobs=3, **kwargs)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    # the tokens' bytes make the text, even where a token holds part of a character (its text shows U+FFFD)
+    text = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+    assert text == reply.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy
+        assert entry.top_logprobs[0].logprob == entry.logprob <= 0
+        if "\ufffd" not in entry.token:
+            assert bytes(entry.bytes) == entry.token.encode()
+    chunks = list(client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert client.chat.completions.create(**kwargs).choices[0].logprobs is None
+    bare = client.chat.completions.create(logprobs=True, **kwargs).choices[0].logprobs.content
+    assert [(e.token, e.logprob, e.top_logprobs) for e in bare] == [(e.token, e.logprob, []) for e in content]
+
+
+def test_a_stop_token_is_listed_in_the_logprobs(client):
+    # The tiny model's greedy reply to "Hi" is <|im_end|> at once: one generated token, with its logprob.
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, logprobs=True
+    )
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == ""
+    assert [e.token for e in reply.choices[0].logprobs.content] == ["<|im_end|>"]
+    assert reply.usage.completion_tokens == 1
+
+
+def test_n_choices_and_a_list_of_prompts_in_one_request(url, client, tokenizer):
+    texts = ["Once upon a time", "The quick brown fox"]
+    sampling = dict(model=MODEL, max_tokens=6, temperature=1.0, seed=7, ignore_eos=True)
+    body = {**sampling, "prompt": [tokenizer.encode(t) for t in texts], "n": 3}  # what lm-eval sends: token ids
+    whole = _post(url, COMPLETION, body).json()
+    assert [c["index"] for c in whole["choices"]] == list(range(6))
+    prompt_tokens = sum(len(tokenizer.encode(t)) for t in texts)
+    assert whole["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 36,
+        "total_tokens": prompt_tokens + 36,
+    }
+    for i, prompt in enumerate(texts):  # choice i * n + 0 is what the prompt alone gives with n = 1
+        alone = _post(url, COMPLETION, {**sampling, "prompt": prompt}).json()["choices"][0]["text"]
+        assert whole["choices"][3 * i]["text"] == alone
+    assert all(len({c["text"] for c in whole["choices"][3 * i : 3 * i + 3]}) == 3 for i in range(2))
+    by_text = _post(url, COMPLETION, {**body, "prompt": texts}).json()  # texts: the same ids, the same choices
+    assert [c["text"] for c in by_text["choices"]] == [c["text"] for c in whole["choices"]]
+    chunks = _sse_chunks(url, COMPLETION, {**body, "stream_options": {"include_usage": True}})
+    for choice in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["length"]
+    assert chunks[-1]["usage"] == whole["usage"]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], n=2, max_tokens=6, seed=7
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content != chat.choices[1].message.content
+
+
+def test_presence_and_frequency_penalties_change_greedy_text(client):
+    kwargs = dict(model=MODEL, prompt="A B C D E F", max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs).choices[0].text
+    penalised = client.completions.create(presence_penalty=1.5, frequency_penalty=2.0, **kwargs).choices[0].text
+    streamed = client.completions.create(presence_penalty=1.5, frequency_penalty=2.0, stream=True, **kwargs)
+    assert penalised != plain and "".join(c.choices[0].text for c in streamed) == penalised
 
 
 def test_a_flood_of_requests_gets_429s_and_the_server_survives(url, client):

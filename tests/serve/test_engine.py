@@ -14,7 +14,7 @@ import torch
 from moe_core.generate import greedy_generate
 from moe_core.loading import load_model
 from moe_core.tokenizer import Tokenizer
-from serve.engine import Engine, EngineFailedError, Failed, Finished, GenerationRequest, TextDelta
+from serve.engine import Engine, EngineFailedError, Failed, Finished, GenerationRequest, PromptLogprobs, TextDelta
 from serve.runner import LocalRunner, ShardSpec
 from serve.sampling import SamplingParams
 
@@ -133,3 +133,84 @@ def test_ignore_eos_runs_to_max_tokens_past_the_stop_token_but_not_past_a_stop_s
     assert ignored == (full, Finished("length", len(prompt), 12))  # the "EOS" token and 11 more
     text, done = cut  # explicit stop strings still apply
     assert done.reason == "stop" and done.completion_tokens < 12 and text == full[: full.index(stop)]
+
+
+def _events(q: queue.Queue, choices: int = 1) -> list[Any]:
+    """Every event of a request until each of its choices has finished."""
+    events: list[Any] = []
+    while sum(isinstance(e, Finished) for e in events) < choices:
+        events.append(q.get(timeout=60))
+    return events
+
+
+def _reference_logprobs_TV(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_logprobs_of_prompt_and_generated_tokens_match_a_plain_forward(moe_dir):
+    tok = Tokenizer.from_dir(moe_dir)
+    prompt = tok.encode("Once upon a time there was")
+    engine = _engine(moe_dir, slots=2).start()
+    try:
+        events = _events(_submit(engine, prompt, 10, logprobs=3, prompt_logprobs=2, ignore_eos=True))
+    finally:
+        engine.stop()
+    assert isinstance(events[0], PromptLogprobs) and isinstance(events[-1], Finished)
+    generated = [e for d in events if isinstance(d, TextDelta) for e in d.logprobs]
+    assert len(generated) == events[-1].completion_tokens == 10
+    ids = prompt + [e.token for e in generated]
+    ref_TV = _reference_logprobs_TV(load_model(moe_dir).eval(), ids)
+    entries = events[0].entries
+    assert len(entries) == len(prompt) and entries[0] is None
+    for pos, entry in enumerate([*entries[1:], *generated], start=1):
+        k = 2 if pos < len(prompt) else 3
+        assert entry.token == ids[pos]
+        assert abs(entry.logprob - ref_TV[pos - 1, ids[pos]].item()) < 1e-4
+        values, top_ids = ref_TV[pos - 1].topk(k)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert max(abs(lp - v) for (_, lp), v in zip(entry.top, values.tolist(), strict=True)) < 1e-4
+    assert all(e.top[0][0] == e.token for e in generated)  # greedy: the chosen token is the most likely
+
+
+def test_n_choices_are_indexed_and_seeded_per_choice(moe_dir):
+    prompt = [5, 6, 7, 8]
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    engine = _engine(moe_dir, slots=2).start()  # fewer slots than choices: they wait their turn
+    try:
+        three = _events(_submit(engine, prompt, 12, sampling=seeded, n=3, ignore_eos=True), choices=3)
+        one = _events(_submit(engine, prompt, 12, sampling=seeded, ignore_eos=True))
+    finally:
+        engine.stop()
+    texts = ["".join(e.text for e in three if isinstance(e, TextDelta) and e.index == j) for j in range(3)]
+    finished = sorted((e.index, e.completion_tokens) for e in three if isinstance(e, Finished))
+    assert finished == [(0, 12), (1, 12), (2, 12)]
+    assert texts[0] == "".join(e.text for e in one if isinstance(e, TextDelta))  # choice 0 is the n = 1 answer
+    assert len(set(texts)) == 3
+
+
+def test_presence_and_frequency_penalties_follow_openai_over_generated_tokens(moe_dir):
+    from serve.sampling import penalised
+
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(temperature=0.0, presence_penalty=0.7, frequency_penalty=1.5)
+    model = load_model(moe_dir).eval()
+    ids, expected = list(prompt), []
+    for _ in range(16):  # the reference: penalise the last position's logits by the counts so far, argmax
+        with torch.inference_mode():
+            logits_V = model(torch.tensor([ids])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(expected, dtype=torch.long), minlength=logits_V.shape[0]).float()
+        token = int(torch.argmax(logits_V - 0.7 * (counts > 0) - 1.5 * counts))
+        assert token == int(torch.argmax(penalised(logits_V, expected, params)))
+        expected.append(token)
+        ids.append(token)
+    engine = _engine(moe_dir, slots=2).start()
+    try:
+        penalised_run = _events(_submit(engine, prompt, 16, sampling=params, ignore_eos=True, logprobs=0))
+        plain_run = _events(_submit(engine, prompt, 16, ignore_eos=True, logprobs=0))
+    finally:
+        engine.stop()
+    tokens = [e.token for d in penalised_run if isinstance(d, TextDelta) for e in d.logprobs]
+    plain = [e.token for d in plain_run if isinstance(d, TextDelta) for e in d.logprobs]
+    assert tokens == expected and tokens != plain
+    assert len(set(tokens)) > len(set(plain))  # the penalties made it repeat itself less

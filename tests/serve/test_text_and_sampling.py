@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from moe_core.tokenizer import Tokenizer
-from serve.sampling import SamplingParams, logits_to_probs, make_generator, sample
-from serve.text import TextStream
+from serve.sampling import (
+    SamplingParams,
+    logits_to_probs,
+    make_generator,
+    penalised,
+    prompt_logprobs,
+    sample,
+    top_logprobs,
+)
+from serve.text import TextOffsets, TextStream, TokenTexts
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +78,38 @@ def test_seeded_sampling_repeats_and_greedy_is_argmax():
     second = [sample(logits, params, g) for g in [make_generator(params)] for _ in range(20)]
     assert first == second and len(set(first)) > 1
     assert sample(logits, SamplingParams(temperature=0.0), make_generator(params)) == int(logits.argmax())
+
+
+def test_penalties_subtract_presence_and_frequency_of_generated_tokens():
+    logits = torch.zeros(6)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0)
+    expected = torch.tensor([0.0, 0.5, 1.5, 0.0, 0.0, 0.0])  # token 1 seen once, token 2 twice
+    assert torch.equal(penalised(logits, [2, 1, 2], params), expected)
+    assert penalised(logits, [2, 1, 2], SamplingParams()) is logits  # no penalties: untouched
+
+
+def test_top_logprobs_are_the_raw_log_softmax_and_the_first_prompt_token_has_none():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 1.0]])
+    expected = torch.log_softmax(logits, dim=-1)
+    first, second = top_logprobs(logits, [0, 2], 2)
+    assert first.token == 0 and first.logprob == pytest.approx(expected[0, 0].item())
+    assert [t for t, _ in first.top] == [1, 2] and first.top[0][1] == pytest.approx(expected[0, 1].item())
+    assert second.top[0][0] == 2 and top_logprobs(logits, [0, 2], 0)[0].top == ()
+    entries = prompt_logprobs(torch.cat([logits, logits]), [7, 0, 2, 1], 1)
+    assert entries[0] is None and [e.token for e in entries[1:]] == [0, 2, 1]
+    assert prompt_logprobs(logits[:1], [7], 3) == (None,)  # a one-token prompt: nothing is predicted
+
+
+def test_token_bytes_rebuild_split_characters_and_offsets_count_characters(tokenizer):
+    text = "naïve 🙂 café"
+    ids = tokenizer.encode(text)
+    names = TokenTexts(tokenizer)
+    assert b"".join(names.bytes(t) for t in ids) == text.encode()
+    assert any(names.text(t) == "\ufffd" for t in ids), "the test needs a token holding part of a character"
+    offsets = TextOffsets(names)
+    starts = [offsets.push(t) for t in ids]
+    # where the token's first byte lands: in the character that the text before it leaves unfinished, if any
+    assert starts == [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+    end = tokenizer.token_to_id("<|im_end|>")
+    assert names.special(end) and names.text(end) == "<|im_end|>" and names.bytes(end) == b"<|im_end|>"
+    assert offsets.push(end, shown=False) == offsets.push(end) == len(text)
