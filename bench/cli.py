@@ -9,7 +9,7 @@ BENCHMARKS = {
     "moe-layer": ("bench.moe_layer", "MoE block throughput: upmoe backends vs transformers' implementations"),
     "upcycle-quality": ("bench.upcycle_quality", "step-0 loss, aux loss and router entropy of every init (debug)"),
     "train": ("bench.train", "training tokens/s, MFU and all-to-all share with EP=1 and EP=2 (CPU workers)"),
-    "serve": ("bench.serve", "endpoint tokens/s, TTFT and TPOT under concurrent clients vs transformers generate"),
+    "serve": ("bench.serve", "endpoint tokens/s, TTFT and TPOT under concurrent clients vs transformers or vLLM"),
     "gpu-readiness": (
         "bench.gpu_readiness",
         "training forward and serving of a layout on fake CUDA devices: CPU/CUDA mixes, collectives, dtypes",
