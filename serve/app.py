@@ -3,6 +3,10 @@
     client ──HTTP──> OpenAIIngress (FastAPI: auth, validation, tokenisation, SSE)
                         └──handle──> ModelServer replicas (each an EP gang + continuous-batching engine)
 
+A completions request with several prompts fans out into one ``GenerationRequest`` per prompt (each with the
+request's ``n``), run concurrently on the replicas; their events become choices ``i * n + j`` (``serve.api``
+``Choices``), gathered into one answer or merged into one stream as they arrive.
+
 ``build_app(args)`` is the import path ``serve deploy`` and KubeRay's RayService use (``serve.app:build_app``);
 its ``args`` are ``serve.options.ServeOptions`` fields. The autoscaling config is explicit on purpose: Ray
 Serve LLM's defaults effectively never add replicas.
@@ -268,6 +272,7 @@ async def _all(calls: list[Any]) -> list[Any]:
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # they have let go of what they awaited
 
 
 async def _after(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
