@@ -4,8 +4,8 @@
                         └──handle──> ModelServer replicas (each an EP gang + continuous-batching engine)
 
 A completions request with several prompts fans out into one ``GenerationRequest`` per prompt (each with the
-request's ``n``), run concurrently on the replicas; their events become choices ``i * n + j`` (``serve.api``
-``Choices``), gathered into one answer or merged into one stream as they arrive.
+request's ``n``), sent to one replica in one call and run there together; their events, tagged with the
+prompt's position, become choices ``i * n + j`` (``serve.api`` ``Choices``), whole or streamed.
 
 ``build_app(args)`` is the import path ``serve deploy`` and KubeRay's RayService use (``serve.app:build_app``);
 its ``args`` are ``serve.options.ServeOptions`` fields. The autoscaling config is explicit on purpose: Ray
@@ -98,21 +98,25 @@ def shard_spec(opts: ServeOptions) -> ShardSpec:
     )
 
 
-def merge_text(events: list[Event]) -> list[Event]:
+# An event of a request's prompt i: completions requests carry several prompts to the replica in one call.
+Tagged = tuple[int, Event]
+
+
+def merge_text(events: list[Tagged]) -> list[Tagged]:
     """Join each choice's text deltas into its first one (their concatenation, text and logprobs, is all a
     client can observe; a choice's deltas all come before its Finished, and choices are independent)."""
-    merged: list[Event] = []
-    first: dict[int, int] = {}  # choice index -> position of its first delta in merged
-    for event in events:
-        if isinstance(event, TextDelta) and event.index in first:
-            at = first[event.index]
-            prev = merged[at]
-            assert isinstance(prev, TextDelta)
-            merged[at] = TextDelta(prev.text + event.text, prev.index, prev.logprobs + event.logprobs)
+    merged: list[Tagged] = []
+    first: dict[tuple[int, int], int] = {}  # (prompt, choice) -> position of its first delta in merged
+    for i, event in events:
+        key = (i, event.index) if isinstance(event, TextDelta) else None
+        if key is not None and key in first:
+            prev = merged[first[key]][1]
+            assert isinstance(prev, TextDelta) and isinstance(event, TextDelta)
+            merged[first[key]] = (i, TextDelta(prev.text + event.text, prev.index, prev.logprobs + event.logprobs))
             continue
-        if isinstance(event, TextDelta):
-            first[event.index] = len(merged)
-        merged.append(event)
+        if key is not None:
+            first[key] = len(merged)
+        merged.append((i, event))
     return merged
 
 
@@ -141,26 +145,34 @@ class ModelServer:
             max_batched_tokens=self.opts.max_num_batched_tokens,
         ).start()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Event]]:
-        """Stream the request's events, coalesced: each message carries everything that arrived meanwhile.
+    async def generate(self, requests: list[GenerationRequest]) -> AsyncIterator[list[Tagged]]:
+        """Stream the events of a request's prompts (one GenerationRequest each), tagged with the prompt's
+        position and coalesced: each message carries everything that arrived meanwhile.
 
-        Every message is a hop through Ray to the ingress (and another to the HTTP proxy), so the first message
-        goes at once and later ones at most every STREAM_INTERVAL_S. The stream ends when all n choices have
-        finished (or failed). If the caller goes away, the request is cancelled.
+        One call per client request, whatever its number of prompts: it is one unit of the replica's
+        max_ongoing_requests, and Serve handles (retries, cancels) it as one. Every message is a hop through Ray
+        to the ingress (and another to the HTTP proxy), so the first message goes at once and later ones at most
+        every STREAM_INTERVAL_S. The stream ends when every choice has finished (or one failed). If the caller
+        goes away, the request is cancelled.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue: asyncio.Queue[Tagged] = asyncio.Queue()
 
-        def sink(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is gone: the replica is shutting down
-                pass
+        def sink_for(i: int) -> Any:
+            def sink(event: Event) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                except RuntimeError:  # the event loop is gone: the replica is shutting down
+                    pass
 
-        handle = self.engine.submit(request, sink)
+            return sink
+
+        handles: list[Any] = []
+        unfinished = sum(r.n for r in requests)
         sent_at: float | None = None
-        unfinished = request.n
         try:
+            for i, request in enumerate(requests):
+                handles.append(self.engine.submit(request, sink_for(i)))
             while True:
                 batch = [await queue.get()]
                 if sent_at is not None:  # the first message goes at once: time to first token matters
@@ -169,21 +181,25 @@ class ModelServer:
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 yield merge_text(batch)
-                unfinished -= sum(isinstance(e, Finished) for e in batch)
-                if unfinished <= 0 or any(isinstance(e, Failed) for e in batch):
+                unfinished -= sum(isinstance(e, Finished) for _, e in batch)
+                if unfinished == 0 or any(isinstance(e, Failed) for _, e in batch):
                     return
         finally:
-            self.engine.cancel(handle)
+            for handle in handles:
+                self.engine.cancel(handle)
 
-    async def complete(self, request: GenerationRequest) -> list[Event]:
-        """All the request's events in one message, each choice's text joined (non-streaming requests)."""
-        events: list[Event] = []
-        async for batch in self.generate(request):
-            events.extend(batch)
-        failed = next((e for e in events if isinstance(e, Failed)), None)
+    async def complete(self, requests: list[GenerationRequest]) -> list[list[Event]]:
+        """Each prompt's events in one message, each choice's text joined (non-streaming requests)."""
+        tagged: list[Tagged] = []
+        async for batch in self.generate(requests):
+            tagged.extend(batch)
+        failed = next((e for _, e in tagged if isinstance(e, Failed)), None)
         if failed is not None:
             raise EngineFailedError(failed.message)
-        return merge_text(events)
+        answers: list[list[Event]] = [[] for _ in requests]
+        for i, event in merge_text(tagged):
+            answers[i].append(event)
+        return answers
 
     def check_health(self) -> None:
         if self.engine.failure is not None:
@@ -257,63 +273,22 @@ class _Backoff:
 
 
 # Defined before the ingress class: Serve pickles that class by value with the globals it sees then.
-async def _first_event(events: AsyncIterator[Event]) -> Event:
-    event = await anext(events)
-    if isinstance(event, Failed):
-        raise OpenAIError(503, event.message, type_="server_error")
-    return event
-
-
-async def _all(calls: list[Any]) -> list[Any]:
-    """Await the calls together (a request's prompts run concurrently); if one fails, cancel the others."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        return await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # they have let go of what they awaited
-
-
-async def _after(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    yield first
-    async for event in events:
-        yield event
-
-
-async def _merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
-    """Every prompt's events as they arrive, each with its prompt's position; cancels them all when closed."""
-    queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()
-
-    async def pump(i: int, events: AsyncIterator[Event]) -> None:
-        try:
-            async for event in events:
-                await queue.put((i, event))
-        except Exception as exc:  # never leave the reader waiting for a prompt that will send nothing
-            await queue.put((i, Failed(f"the model replica failed mid-generation: {exc}")))
-        await queue.put((i, None))
-
-    tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
-    try:
-        open_streams = len(streams)
-        while open_streams:
-            i, event = await queue.get()
-            if event is None:
-                open_streams -= 1
-            else:
-                yield i, event
-    finally:
-        for task in tasks:
-            task.cancel()
+async def _first_event(events: AsyncIterator[Tagged]) -> Tagged:
+    tagged = await anext(events)
+    if isinstance(tagged[1], Failed):
+        raise OpenAIError(503, tagged[1].message, type_="server_error")
+    return tagged
 
 
 async def _sse_stream(
-    rid: str, model: str, choices: Choices, streams: list[AsyncIterator[Event]], include_usage: bool
+    rid: str, model: str, choices: Choices, first: Tagged, events: AsyncIterator[Tagged], include_usage: bool
 ) -> AsyncIterator[str]:
     created = int(time.time())
     started: set[int] = set()
     prompt_tokens = completion_tokens = 0
-    async for i, event in _merge(streams):
+    tagged: Tagged | None = first
+    while tagged is not None:
+        i, event = tagged
         if i not in started:  # prompt i's first event: its choices open (with the echo and its logprobs)
             started.add(i)
             prompt_tokens += len(choices.prompts[i].ids)
@@ -328,6 +303,7 @@ async def _sse_stream(
         elif isinstance(event, Failed):
             yield sse(OpenAIError(503, event.message, type_="server_error").body())
             break
+        tagged = await anext(events, None)
     else:
         if include_usage:
             yield sse(choices.usage_chunk(rid, model, created, prompt_tokens, completion_tokens))
@@ -439,19 +415,13 @@ class OpenAIIngress:
         choices = Choices(body, prompts, self.names)
         rid = new_id("chatcmpl" if choices.chat else "cmpl")
         if not body.stream:
-            answers = await _all([self._with_retries(lambda g=g: self.model.complete.remote(g)) for g in gens])
+            answers = await self._with_retries(lambda: self.model.complete.remote(gens))
             return JSONResponse(choices.body(rid, body.model, answers))
-        streams = [self._events(g) for g in gens]
-        try:  # errors before the first token become HTTP errors, not broken streams
-            firsts = await _all([_first_event(s) for s in streams])
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
+        events = self._events(gens)
+        first = await _first_event(events)  # errors before the first token become HTTP errors, not broken streams
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        started = [_after(first, s) for first, s in zip(firsts, streams, strict=True)]
         return StreamingResponse(
-            _sse_stream(rid, body.model, choices, started, include_usage), media_type="text/event-stream"
+            _sse_stream(rid, body.model, choices, first, events, include_usage), media_type="text/event-stream"
         )
 
     async def _with_retries(self, call: Any) -> Any:
@@ -465,24 +435,24 @@ class OpenAIIngress:
             except Exception as exc:  # the replica died or its engine failed; nothing was sent yet
                 await backoff.wait_or_raise(exc)
 
-    async def _events(self, gen: GenerationRequest) -> AsyncIterator[Event]:
-        """The model's events for ``gen``; retried while the failure happened before the first token."""
+    async def _events(self, gens: list[GenerationRequest]) -> AsyncIterator[Tagged]:
+        """The model's events for ``gens``; retried while the failure happened before the first token."""
         backoff = _Backoff()
         while True:
             started = False
             try:
-                async for batch in self.model.options(stream=True).generate.remote(gen):
-                    for event in batch:
+                async for batch in self.model.options(stream=True).generate.remote(gens):
+                    for i, event in batch:
                         if isinstance(event, Failed) and not started:
                             raise EngineFailedError(event.message)
                         started = True
-                        yield event
+                        yield i, event
                 return
             except BackPressureError as exc:
                 raise _at_capacity() from exc
             except Exception as exc:  # the replica died or its engine failed
                 if started:
-                    yield Failed(f"the model replica failed mid-generation: {exc}")
+                    yield 0, Failed(f"the model replica failed mid-generation: {exc}")
                     return
                 await backoff.wait_or_raise(exc)
 
