@@ -102,8 +102,8 @@ def test_a_broken_model_fails_every_request_and_refuses_new_ones(moe_dir):
         raise RuntimeError("rank 1 is gone")
 
     engine.runner.step = broken  # type: ignore[method-assign]
+    queues = [_submit(engine, [5, 6, 7], 10) for _ in range(3)]  # all queued before the first step fails
     engine.start()
-    queues = [_submit(engine, [5, 6, 7], 10) for _ in range(3)]
     for q in queues:
         _, event = _collect(q)
         assert isinstance(event, Failed) and "rank 1 is gone" in event.message
