@@ -63,9 +63,9 @@ def _dense(name: str, why: str, corpus: str = "replay", **sched: Any) -> Setting
     return Setting(name, why, None, Schedule(**sched), corpus=corpus)
 
 
-def _preserve_norm(name: str, why: str, lr: float, seed: int = 0) -> Setting:
+def _preserve_norm(name: str, why: str, lr: float, seed: int = 0, std: float = 0.02, **sched: Any) -> Setting:
     """The demo's recipe (exact start, renormalised top-k) on unseen text at ``lr``."""
-    return _moe(name, why, init="preserve", norm=True, corpus="fresh", lr=lr, seed=seed)
+    return _moe(name, why, init="preserve", std=std, norm=True, corpus="fresh", lr=lr, seed=seed, **sched)
 
 
 # In the order docs/upcycling.md ran them: the old demo's setting, the corpus (replaying the base's text vs unseen
@@ -94,15 +94,22 @@ SETTINGS: tuple[Setting, ...] = (
     _moe("fresh-qwen2-lr3e-3-seed1", "noise: another data order", corpus="fresh", lr=3e-3, seed=1),
     _dense("fresh-dense-lr6e-3-seed1", "noise: another data order", corpus="fresh", lr=6e-3, seed=1),
     _preserve_norm("fresh-preserve-norm-lr6e-3-seed1", "noise: another data order", 6e-3, seed=1),
+    # The remaining factors, at the demo's LR (3e-3) and, where the factor applies to it, the demo's recipe.
+    _preserve_norm(
+        "fresh-preserve-norm-aux1e-2-lr3e-3", "the demo's recipe, 10x aux-loss coefficient", 3e-3, aux_coef=0.01
+    ),
+    _preserve_norm("fresh-preserve-norm-std2e-3-lr3e-3", "the demo's recipe, 10x smaller router init", 3e-3, std=0.002),
+    _moe("fresh-qwen2-r0-lr3e-3", "qwen2 without re-init", reinit=0.0, corpus="fresh", lr=3e-3),
+    _moe("fresh-qwen2-r1-lr3e-3", "qwen2, every expert re-initialised", reinit=1.0, corpus="fresh", lr=3e-3),
+    _dense("fresh-dense-warm100-lr3e-3", "a long warm-up, baseline", corpus="fresh", lr=3e-3, warmup=100),
+    _preserve_norm("fresh-preserve-norm-warm100-lr3e-3", "the demo's recipe, a long warm-up", 3e-3, warmup=100),
+    _dense("fresh-dense-lr3e-3-seed2", "noise: a third data order", corpus="fresh", lr=3e-3, seed=2),
+    _preserve_norm("fresh-preserve-norm-lr3e-3-seed2", "noise: a third data order", 3e-3, seed=2),
     # Listed, not run for docs/upcycling.md (the factors above decided the question first).
     _dense("fresh-dense-lr3e-4", "lower LR for the baseline", corpus="fresh", lr=3e-4),
     _moe("fresh-qwen2-lr3e-4", "lower LR after upcycling", corpus="fresh", lr=3e-4),
     _moe("fresh-vgroup-lr3e-3", "NVIDIA virtual groups, no re-init", init="virtual-group", corpus="fresh", lr=3e-3),
     _moe("fresh-drop-lr3e-3", "Drop-Upcycling, r=0.5", init="drop-upcycling", corpus="fresh", lr=3e-3),
-    _moe("fresh-qwen2-r0-lr1e-3", "qwen2 without re-init", reinit=0.0, corpus="fresh"),
-    _moe("fresh-qwen2-warm100-lr1e-3", "a long warm-up after upcycling", corpus="fresh", warmup=100),
-    _moe("fresh-qwen2-aux1e-2-lr1e-3", "10x aux-loss coefficient", corpus="fresh", aux_coef=0.01),
-    _moe("fresh-qwen2-std2e-3-lr1e-3", "10x smaller router init", std=0.002, corpus="fresh"),
 )
 
 
