@@ -9,6 +9,9 @@ Backends:
 - ``eager``: a plain loop over experts, the readable reference and test oracle;
 - ``grouped``: ``torch.nn.functional.grouped_mm`` (CPU and CUDA), two grouped matmuls for all experts;
 - ``megablocks``: MegaBlocks' grouped GEMM kernels (CUDA only, imported lazily).
+
+For CPU inference the weights can instead be prepacked per expert for oneDNN (``pack_for_cpu_inference``,
+see ``moe_core.onednn``), which replaces the backend.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core import onednn
 from moe_core.host_reads import split_sizes
 
 
@@ -80,6 +84,18 @@ def grouped_experts(
     h_SG = F.grouped_mm(x_SD, gate_up_EGD.transpose(1, 2), offs=offsets)
     y_SD = F.grouped_mm(_swiglu(h_SG).contiguous(), down_EDF.transpose(1, 2), offs=offsets)
     return _DenseGrad.apply(y_SD)
+
+
+def onednn_experts(
+    x_SD: torch.Tensor, counts: list[int], gate_ups: list[torch.Tensor], downs: list[torch.Tensor]
+) -> torch.Tensor:
+    """The experts on weights packed by ``onednn.pack``, one pair per expert; experts with no slot are skipped."""
+    outputs = [
+        onednn.linear(_swiglu(onednn.linear(chunk, gate_ups[e])), downs[e])
+        for e, chunk in enumerate(torch.split(x_SD, counts))
+        if counts[e]
+    ]
+    return torch.cat(outputs) if outputs else x_SD.new_zeros(0, x_SD.shape[1])
 
 
 def megablocks_experts(
@@ -159,13 +175,30 @@ class Experts(nn.Module):
         self.backend = ExpertBackend(backend) if backend is not None else default_backend()
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local, hidden_size, expert_size))
+        # (gate_up per expert, down per expert, their dtype) once packed for CPU inference; the stacked
+        # parameters are then gone.
+        self._packed: tuple[list[torch.Tensor], list[torch.Tensor], torch.dtype] | None = None
 
     @property
     def owned(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local)
 
+    def pack_for_cpu_inference(self) -> int:
+        """Prepack each expert's weights for oneDNN and drop the stacked parameters: inference only, from
+        here on (no gradients, no state_dict entries). The number of weights packed."""
+        if self._packed is None:
+            dtype = self.gate_up_proj.dtype
+            gate_ups = [onednn.pack(w) for w in self.gate_up_proj.unbind(0)]
+            downs = [onednn.pack(w) for w in self.down_proj.unbind(0)]
+            self._packed = (gate_ups, downs, dtype)
+            self.gate_up_proj = self.down_proj = None
+        return 2 * self.num_local
+
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
         counts = split_sizes(counts_E, x_SD.shape[0]) if isinstance(counts_E, torch.Tensor) else list(counts_E)
+        if self._packed is not None:
+            gate_ups, downs, dtype = self._packed
+            return onednn_experts(x_SD.to(dtype), counts, gate_ups, downs)
         dtype = compute_dtype(x_SD, self.gate_up_proj)
         x_SD, gate_up, down = x_SD.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if x_SD.shape[0] == 0:
@@ -174,7 +207,8 @@ class Experts(nn.Module):
         return _BACKENDS[self.backend](x_SD, counts, gate_up, down)
 
     def extra_repr(self) -> str:
+        backend = "onednn-packed" if self._packed is not None else self.backend.value
         return (
             f"experts={self.first_expert}..{self.first_expert + self.num_local - 1} of {self.num_experts}, "
-            f"expert_size={self.expert_size}, backend={self.backend.value}"
+            f"expert_size={self.expert_size}, backend={backend}"
         )

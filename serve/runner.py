@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moe_core import state_dict_adapter
+from moe_core import onednn, state_dict_adapter
 from moe_core.config import ModelConfig, read_model_config
 from moe_core.generate import run_step
 from moe_core.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, StepRow
@@ -72,6 +72,9 @@ class ModelShard:
                 first_expert=first,
                 num_local_experts=count,
             )
+            if onednn.available(spec.device, spec.dtype):
+                # Decode is bound by reading weights: oneDNN's layout reads them ~2x faster on a CPU.
+                onednn.pack_for_cpu_inference(model)
         self.model: CausalLM = model.eval()
         self.config = model.config
         self.cache = PagedKVCache(self.config, spec.num_blocks, spec.block_size, dtype=spec.dtype, device=spec.device)
