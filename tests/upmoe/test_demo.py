@@ -25,7 +25,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path):
         "--out",
         str(out),
         "--pretrain-steps",
-        "30",
+        "15",
         "--train-steps",
         "10",
         "--micro-batch",
