@@ -186,7 +186,7 @@ def test_load_balancing_loss_reduces_imbalance(ray_local, moe_dir: Path, tmp_pat
     cvs = {}
     for aux in ("none", "switch"):
         run = tmp_path / aux
-        args = ["train", "--model", str(moe_dir), "--data", "embedded", "--out", str(run), "--steps", "40"]
+        args = ["train", "--model", str(moe_dir), "--data", "embedded", "--out", str(run), "--steps", "24"]
         args += ["--seq-len", "128", "--micro-batch", "8", "--lr", "3e-3", "--aux-loss", aux, "--aux-coef", "0.01"]
         assert main([*args, "--wandb-mode", "disabled"]) == 0
         metrics = _metrics(run)
