@@ -161,12 +161,18 @@ def _step_peak_bytes(
         if ep > 1:
             install_token_sharding(shard.model, dist.group.WORLD, ep, 0)
         rows = [StepRow([1] * new, cached, tables[i]) for i, (new, cached) in enumerate(shape)]
-        tracker = MemTracker()
-        # The cache is written in place inside the step: tracked up front (as "other"), it is not an activation.
-        tracker.track_external(shard.model, shard.cache.k, shard.cache.v)
-        with tracker:
-            shard.step(rows)
-        peak = tracker.get_tracker_snapshot("peak")
+        return step_activation_bytes(shard, rows)
+
+
+def step_activation_bytes(shard: Any, rows: list[StepRow]) -> int:
+    """Bytes one ``shard.step(rows)`` allocates at its peak beyond the weights and the KV cache, counted by
+    ``MemTracker`` (on fake or real tensors alike)."""
+    tracker = MemTracker()
+    # The cache is written in place inside the step: tracked up front (as "other"), it is not an activation.
+    tracker.track_external(shard.model, shard.cache.k, shard.cache.v)
+    with tracker:
+        shard.step(rows)
+    peak = tracker.get_tracker_snapshot("peak")
     kept = {"PARAM", "BUFFER", "OTH", "Total"}  # what was there before the step
     kinds = [(getattr(kind, "name", str(kind)), n) for by_kind in peak.values() for kind, n in by_kind.items()]
     return sum(n for kind, n in kinds if kind not in kept)

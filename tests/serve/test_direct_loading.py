@@ -34,16 +34,8 @@ SHAPE = dict(
 )
 
 MEASURE = """
-import json, sys, threading
-def anon_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-peak, done = [0], threading.Event()
-def watch():  # the kernel keeps no peak of anonymous memory alone: sample it
-    while not done.is_set():
-        peak[0] = max(peak[0], anon_kib())
-        done.wait(0.0005)
+import json, sys
+from tests.memory_sampling import AnonPeak
 import torch
 torch.set_num_threads(1)
 from moe_core.config import read_model_config
@@ -54,16 +46,11 @@ model_dir, ep, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = read_model_config(model_dir)
 first, count = expert_block(cfg.num_experts, ep, rank)
 model = meta_model(cfg, torch.bfloat16, first, count)  # what load_model builds: no memory on meta
-before = anon_kib()
-watcher = threading.Thread(target=watch)
-watcher.start()
-materialise_and_fill(model, model_dir, "cpu")
-done.set()
-watcher.join()
+with AnonPeak(interval_s=0.0005) as peak:
+    materialise_and_fill(model, model_dir, "cpu")
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 dtypes = sorted({str(p.dtype) for p in model.parameters()})
-peak_bytes = (max(peak[0], anon_kib()) - before) * 1024
-print(json.dumps({"weights": weights, "peak": peak_bytes, "rope": str(model.rope_inv_freq.dtype), "dtypes": dtypes}))
+print(json.dumps({"weights": weights, "peak": peak.bytes, "rope": str(model.rope_inv_freq.dtype), "dtypes": dtypes}))
 """
 
 

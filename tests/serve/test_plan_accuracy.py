@@ -18,15 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 MEASURE = """
-import json, threading
+import json
+from tests.memory_sampling import AnonPeak
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 torch.set_num_threads(1)
 from moe_core.fake_devices import meta_model
 from moe_core.kv_cache import DEFAULT_BLOCK_SIZE, StepRow, blocks_for
 from moe_core.model import CausalLM
 from moe_core.registry import get_preset
-from serve.plan import _step_peak_bytes, worst_step
+from serve.plan import _step_peak_bytes, step_activation_bytes, worst_step
 from serve.runner import ModelShard, ShardSpec
 
 BUDGET, SEQS, CONTEXT = 1024, 8, 2048
@@ -34,11 +34,6 @@ cfg = get_preset("debug-moe", hidden_size=512, num_hidden_layers=2, num_attentio
                  num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512,
                  shared_expert_intermediate_size=1024, vocab_size=4096)
 planned = _step_peak_bytes(meta_model(cfg, torch.bfloat16, 0, None), cfg, 1, torch.bfloat16, BUDGET, SEQS, CONTEXT)
-
-def anon_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
 
 model = CausalLM(cfg)
 model.init_weights(torch.Generator().manual_seed(0))
@@ -50,27 +45,12 @@ shard = ModelShard(ShardSpec("real", per_seq * len(shape), CONTEXT, torch.bfloat
 shard.cache.k.fill_(0.0), shard.cache.v.fill_(0.0)  # resident before the step, as on a GPU
 rows = [StepRow([1] * new, cached, tables[i]) for i, (new, cached) in enumerate(shape)]
 shard.step(rows)  # warm-up: kernels' one-time buffers are not the step's
-peak, done = [0], threading.Event()
-def watch():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon_kib())
-        done.wait(0.0002)
-before = anon_kib()
-watcher = threading.Thread(target=watch)
-watcher.start()
-for _ in range(3):
-    shard.step(rows)
-done.set()
-watcher.join()
+with AnonPeak() as real:
+    for _ in range(3):
+        shard.step(rows)
 # The plan's own counter on the real step: what it counts of real tensors, as opposed to fake ones.
-tracker = MemTracker()
-tracker.track_external(shard.model, shard.cache.k, shard.cache.v)
-with tracker:
-    shard.step(rows)
-snapshot = tracker.get_tracker_snapshot("peak")
-kinds = [(getattr(kind, "name", str(kind)), n) for by_kind in snapshot.values() for kind, n in by_kind.items()]
-tracked = sum(n for kind, n in kinds if kind not in {"PARAM", "BUFFER", "OTH", "Total"})
-print(json.dumps({"planned": planned, "tracked_real": tracked, "real": (peak[0] - before) * 1024}))
+tracked = step_activation_bytes(shard, rows)
+print(json.dumps({"planned": planned, "tracked_real": tracked, "real": real.bytes}))
 """
 
 
