@@ -10,12 +10,14 @@ Backends:
 - ``grouped``: ``torch.nn.functional.grouped_mm`` (CPU and CUDA), two grouped matmuls for all experts;
 - ``megablocks``: MegaBlocks' grouped GEMM kernels (CUDA only, imported lazily).
 
-For CPU inference the weights can instead be prepacked per expert for oneDNN (``pack_for_cpu_inference``,
-see ``moe_core.onednn``), which replaces the backend.
+For CPU inference the weights can instead be prepacked (``pack_for_cpu_inference``), which replaces the
+backend: in bf16 on CPUs with AVX512-BF16 for ``moe_core.cpu_experts``' kernel, one call for all experts of a
+layer; otherwise per expert for oneDNN (``moe_core.onednn``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from enum import Enum
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core import onednn
+from moe_core import cpu_experts, onednn
 from moe_core.host_reads import split_sizes
 
 
@@ -175,30 +177,37 @@ class Experts(nn.Module):
         self.backend = ExpertBackend(backend) if backend is not None else default_backend()
         self.gate_up_proj = nn.Parameter(torch.empty(num_local, 2 * expert_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_local, hidden_size, expert_size))
-        # (gate_up per expert, down per expert, their dtype) once packed for CPU inference; the stacked
-        # parameters are then gone.
-        self._packed: tuple[list[torch.Tensor], list[torch.Tensor], torch.dtype] | None = None
+        # Once packed for CPU inference: (experts of (slots, counts) on the packed weights, their dtype, kernel
+        # name); the stacked parameters are then gone.
+        self._packed: tuple[Callable[[torch.Tensor, list[int]], torch.Tensor], torch.dtype, str] | None = None
 
     @property
     def owned(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local)
 
     def pack_for_cpu_inference(self) -> int:
-        """Prepack each expert's weights for oneDNN and drop the stacked parameters: inference only, from
-        here on (no gradients, no state_dict entries). The number of weights packed."""
+        """Prepack the experts' weights for the fastest CPU kernel this machine has and drop the stacked
+        parameters: inference only, from here on (no gradients, no state_dict entries). The number of weights
+        packed."""
         if self._packed is None:
-            dtype = self.gate_up_proj.dtype
-            gate_ups = [onednn.pack(w) for w in self.gate_up_proj.unbind(0)]
-            downs = [onednn.pack(w) for w in self.down_proj.unbind(0)]
-            self._packed = (gate_ups, downs, dtype)
+            gate_up, down = self.gate_up_proj.detach(), self.down_proj.detach()
+            dtype, hidden = gate_up.dtype, gate_up.shape[2]
+            if cpu_experts.available(gate_up.device, dtype, hidden, self.expert_size):
+                run = functools.partial(
+                    cpu_experts.experts, gate_up=cpu_experts.pack_gate_up(gate_up), down=cpu_experts.pack_down(down)
+                )
+                self._packed = (run, dtype, "cpu-bf16-kernel")
+            else:
+                gate_ups, downs = [onednn.pack(w) for w in gate_up.unbind(0)], [onednn.pack(w) for w in down.unbind(0)]
+                self._packed = (functools.partial(onednn_experts, gate_ups=gate_ups, downs=downs), dtype, "onednn")
             self.gate_up_proj = self.down_proj = None
         return 2 * self.num_local
 
     def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor | list[int]) -> torch.Tensor:
         counts = split_sizes(counts_E, x_SD.shape[0]) if isinstance(counts_E, torch.Tensor) else list(counts_E)
         if self._packed is not None:
-            gate_ups, downs, dtype = self._packed
-            return onednn_experts(x_SD.to(dtype), counts, gate_ups, downs)
+            run, dtype, _ = self._packed
+            return run(x_SD.to(dtype), counts)
         dtype = compute_dtype(x_SD, self.gate_up_proj)
         x_SD, gate_up, down = x_SD.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         if x_SD.shape[0] == 0:
@@ -207,7 +216,7 @@ class Experts(nn.Module):
         return _BACKENDS[self.backend](x_SD, counts, gate_up, down)
 
     def extra_repr(self) -> str:
-        backend = "onednn-packed" if self._packed is not None else self.backend.value
+        backend = f"{self._packed[2]}-packed" if self._packed is not None else self.backend.value
         return (
             f"experts={self.first_expert}..{self.first_expert + self.num_local - 1} of {self.num_experts}, "
             f"expert_size={self.expert_size}, backend={backend}"

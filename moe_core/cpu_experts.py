@@ -1,0 +1,130 @@
+"""All routed experts of a layer in one C call, for bf16 inference on CPUs with AVX512-BF16.
+
+A decode step sends a few tokens to each of most experts, so on a CPU it is bound by reading expert weights.
+One oneDNN call per expert (``moe_core.onednn``) reads them at ~9 GB/s per core here and pays a fixed cost per
+call, ~1,500 calls per step for a 24-layer 64-expert model; this kernel (``csrc/experts_bf16.c``) reads each
+expert's weights as one sequential stream at ~17 GB/s (the core streams ~21 GB/s) and does the swiglu in
+between, for every expert of the layer in one call. vLLM's CPU build has a fused MoE kernel for the same
+reason.
+
+The kernel is compiled on first use with the machine's C compiler for the machine's own CPU (``-march=native``)
+and cached under ``~/.cache/upmoe/kernels`` (``$UPMOE_KERNEL_CACHE`` overrides). Where there is no compiler, no
+AVX512-BF16 or a shape it does not take, ``available`` says no and the experts stay on oneDNN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "experts_bf16.c"
+BLOCK = 64  # output columns per packed block; gate_up blocks hold 32 gate and 32 up columns
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("UPMOE_KERNEL_CACHE", Path.home() / ".cache" / "upmoe" / "kernels"))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per source, compiler and CPU; None where it cannot be built here."""
+    flags = _cpu_flags()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if platform.machine() != "x86_64" or "avx512_bf16" not in flags or compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"experts_bf16-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent ranks never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *_FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+            os.replace(tmp, target)
+        except (OSError, subprocess.CalledProcessError) as e:
+            log.warning(
+                "the bf16 CPU experts kernel did not build (%s); experts stay on oneDNN",
+                getattr(e, "stderr", None) or e,
+            )
+            return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    lib = ctypes.CDLL(str(target))  # torch is loaded, so the kernel's OpenMP is torch's libgomp
+    lib.experts_bf16.restype = None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # x, offsets, E, D, F, gate_up, down, h, y, threads
+    lib.experts_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    return lib
+
+
+def available(device: torch.device | str, dtype: torch.dtype, hidden_size: int, expert_size: int) -> bool:
+    """Whether experts of this shape and dtype can run on the kernel on ``device``."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == torch.bfloat16
+        and hidden_size % BLOCK == 0
+        and expert_size % (BLOCK // 2) == 0
+        and _library() is not None
+    )
+
+
+def _blocks(weight_NK: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N/64, K/2, 64, 2]: each block of 64 outputs one stream of k-pairs, as vdpbf16ps reads them."""
+    n, k = weight_NK.shape
+    return weight_NK.reshape(n // BLOCK, BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def pack_gate_up(gate_up_EGD: torch.Tensor) -> torch.Tensor:
+    """[E, 2F, D] (gate rows then up rows) -> [E, F/32, D/2, 64, 2], each block 32 gate then 32 up columns,
+    so one block yields 32 finished swiglu outputs."""
+    e, g, d = gate_up_EGD.shape
+    half = BLOCK // 2
+    gate, up = gate_up_EGD.detach().reshape(e, 2, g // 2 // half, half, d).unbind(1)
+    interleaved = torch.cat([gate, up], dim=2).reshape(e, g, d)
+    return torch.stack([_blocks(w) for w in interleaved.unbind(0)])
+
+
+def pack_down(down_EDF: torch.Tensor) -> torch.Tensor:
+    """[E, D, F] -> [E, D/64, F/2, 64, 2]."""
+    return torch.stack([_blocks(w) for w in down_EDF.detach().unbind(0)])
+
+
+def experts(x_SD: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down_e(silu(gate_e x) * up_e x)`` for each expert e and its block of ``counts[e]`` slots, on weights
+    packed by ``pack_gate_up`` / ``pack_down``."""
+    num_experts, hidden, width = down.shape[0], x_SD.shape[1], down.shape[2] * 2
+    if len(counts) != num_experts or sum(counts) != x_SD.shape[0]:
+        raise ValueError(
+            f"{len(counts)} counts summing to {sum(counts)} for {num_experts} experts and {x_SD.shape[0]} slots"
+        )
+    x_SD = x_SD.to(torch.bfloat16).contiguous()
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    h_SF = torch.empty(x_SD.shape[0], width, dtype=torch.bfloat16)
+    y_SD = torch.empty_like(x_SD)
+    pointers = [t.data_ptr() for t in (x_SD, offsets)], [t.data_ptr() for t in (gate_up, down, h_SF, y_SD)]
+    _library().experts_bf16(*pointers[0], num_experts, hidden, width, *pointers[1], torch.get_num_threads())
+    return y_SD

@@ -1,0 +1,119 @@
+"""The bf16 CPU experts kernel: the reference experts' math, picked where it can run, oneDNN where it cannot."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moe_core import cpu_experts
+from moe_core.experts import Experts, eager_experts
+
+needs_kernel = pytest.mark.skipif(
+    not cpu_experts.available("cpu", torch.bfloat16, 64, 32), reason="no AVX512-BF16 or no C compiler here"
+)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A kernel cache of its own, and ``_library`` re-evaluated before and after the test."""
+    monkeypatch.setenv("UPMOE_KERNEL_CACHE", str(tmp_path))
+    cpu_experts._library.cache_clear()
+    yield tmp_path
+    cpu_experts._library.cache_clear()
+
+
+def _weights(num_experts: int, hidden: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(num_experts, 2 * width, hidden, generator=g) / hidden**0.5
+    down = torch.randn(num_experts, hidden, width, generator=g) / width**0.5
+    return gate_up.bfloat16(), down.bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_computes_the_reference_experts(threads: int) -> None:
+    # Uneven counts: empty experts, one token, more rows than one register tile (6), several tiles.
+    counts = [0, 1, 7, 13, 2, 0]
+    gate_up, down = _weights(len(counts), hidden=128, width=96)
+    x = torch.randn(sum(counts), 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    want = eager_experts(x.float(), counts, gate_up.float(), down.float())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_experts.experts(x, counts, cpu_experts.pack_gate_up(gate_up), cpu_experts.pack_down(down))
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    # fp32 sums of exact bf16 products; the error is bf16's rounding of h and y (~0.4 % here, measured).
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+@needs_kernel
+def test_kernel_result_does_not_depend_on_threads() -> None:
+    counts = [3, 0, 9, 4]
+    gate_up, down = _weights(len(counts), hidden=64, width=64)
+    packed = cpu_experts.pack_gate_up(gate_up), cpu_experts.pack_down(down)
+    x = torch.randn(sum(counts), 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(cpu_experts.experts(x, counts, *packed))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])  # threads split output blocks, never a sum
+
+
+@needs_kernel
+def test_kernel_rejects_counts_that_do_not_cover_the_slots() -> None:
+    gate_up, down = _weights(2, hidden=64, width=32)
+    packed = cpu_experts.pack_gate_up(gate_up), cpu_experts.pack_down(down)
+    with pytest.raises(ValueError, match="counts"):
+        cpu_experts.experts(torch.zeros(3, 64, dtype=torch.bfloat16), [1, 1], *packed)
+
+
+def _packed_backend(dtype: torch.dtype, hidden: int = 64, width: int = 32) -> str:
+    experts = Experts(4, hidden, width)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_()
+        experts.down_proj.normal_()
+    experts = experts.to(dtype)
+    experts.pack_for_cpu_inference()
+    return experts._packed[2]
+
+
+@needs_kernel
+def test_packing_picks_the_kernel_for_bf16_and_shapes_it_takes() -> None:
+    assert _packed_backend(torch.bfloat16) == "cpu-bf16-kernel"
+    assert _packed_backend(torch.float32) == "onednn"
+    assert _packed_backend(torch.bfloat16, hidden=48) == "onednn"  # hidden not a multiple of 64
+    assert _packed_backend(torch.bfloat16, width=40) == "onednn"  # width not a multiple of 32
+
+
+def test_no_kernel_without_avx512_bf16(monkeypatch, fresh_library) -> None:
+    monkeypatch.setattr(cpu_experts, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert not cpu_experts.available("cpu", torch.bfloat16, 64, 32)
+    assert _packed_backend(torch.bfloat16) == "onednn"
+
+
+@needs_kernel
+def test_a_failed_build_warns_and_falls_back_to_onednn(monkeypatch, fresh_library, caplog) -> None:
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with caplog.at_level(logging.WARNING, logger="moe_core.cpu_experts"):
+        assert not cpu_experts.available("cpu", torch.bfloat16, 64, 32)
+    assert "did not build" in caplog.text
+    assert list(fresh_library.iterdir()) == []  # nothing half-written left in the cache
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_per_source_and_cpu(fresh_library) -> None:
+    assert cpu_experts.available("cpu", torch.bfloat16, 64, 32)
+    built = list(fresh_library.glob("experts_bf16-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_experts._library.cache_clear()
+    assert cpu_experts.available("cpu", torch.bfloat16, 64, 32)
+    assert list(fresh_library.glob("experts_bf16-*.so")) == built and built[0].stat().st_mtime_ns == stamp
