@@ -48,6 +48,26 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("UPMOE_KERNEL_CACHE", Path.home() / ".cache" / "upmoe" / "kernels"))
 
 
+def _build(compiler: str, target: Path) -> bool:
+    """Compile the kernel to ``target``; False (with a warning) where that fails, e.g. an unwritable cache."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent ranks never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        subprocess.run([compiler, *_FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+        return True
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or e
+        log.warning("the bf16 CPU experts kernel did not build (%s); experts stay on oneDNN", detail)
+        return False
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, built once per source, compiler and CPU; None where it cannot be built here."""
@@ -57,22 +77,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"experts_bf16-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: concurrent ranks never load a half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *_FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
-            os.replace(tmp, target)
-        except (OSError, subprocess.CalledProcessError) as e:
-            log.warning(
-                "the bf16 CPU experts kernel did not build (%s); experts stay on oneDNN",
-                getattr(e, "stderr", None) or e,
-            )
-            return None
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    if not target.exists() and not _build(compiler, target):
+        return None
     lib = ctypes.CDLL(str(target))  # torch is loaded, so the kernel's OpenMP is torch's libgomp
     lib.experts_bf16.restype = None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # x, offsets, E, D, F, gate_up, down, h, y, threads

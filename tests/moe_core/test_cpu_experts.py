@@ -68,6 +68,14 @@ def test_kernel_result_does_not_depend_on_threads() -> None:
 
 
 @needs_kernel
+def test_kernel_takes_a_rank_with_no_slots() -> None:
+    gate_up, down = _weights(3, hidden=64, width=32)
+    packed = cpu_experts.pack_gate_up(gate_up), cpu_experts.pack_down(down)
+    y = cpu_experts.experts(torch.zeros(0, 64, dtype=torch.bfloat16), [0, 0, 0], *packed)
+    assert y.shape == (0, 64)
+
+
+@needs_kernel
 def test_kernel_rejects_counts_that_do_not_cover_the_slots() -> None:
     gate_up, down = _weights(2, hidden=64, width=32)
     packed = cpu_experts.pack_gate_up(gate_up), cpu_experts.pack_down(down)
@@ -106,6 +114,16 @@ def test_a_failed_build_warns_and_falls_back_to_onednn(monkeypatch, fresh_librar
         assert not cpu_experts.available("cpu", torch.bfloat16, 64, 32)
     assert "did not build" in caplog.text
     assert list(fresh_library.iterdir()) == []  # nothing half-written left in the cache
+
+
+@needs_kernel
+def test_an_unwritable_cache_warns_and_falls_back(monkeypatch, fresh_library, caplog) -> None:
+    blocker = fresh_library / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("UPMOE_KERNEL_CACHE", str(blocker / "kernels"))  # below a file: cannot be created
+    with caplog.at_level(logging.WARNING, logger="moe_core.cpu_experts"):
+        assert cpu_experts._library() is None
+    assert "did not build" in caplog.text
 
 
 @needs_kernel
