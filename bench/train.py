@@ -1,4 +1,5 @@
-"""``upmoe bench train``: training throughput of debug-moe on CPU workers with EP=1 and EP=2, side by side.
+"""``upmoe bench train``: training throughput of debug-moe on CPU workers with EP=1 and EP=2, side by side
+(``--ep`` picks the layouts; each runs on as many workers as its EP size).
 
 Per configuration: tokens/s per worker, the MFU estimate (6·N_active + attention FLOPs per token over the
 configured peak), and the share of step time spent inside the all-to-all exchanges (forward and backward,
@@ -24,6 +25,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the averages")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per worker per step")
+    p.add_argument(
+        "--ep",
+        default="1,2",
+        help="comma-separated EP sizes, one configuration each on that many workers (default 1,2)",
+    )
     p.add_argument(
         "--zero-stages", default="0", help="comma-separated optimizer paths per configuration, e.g. 0,1 (default 0)"
     )
@@ -62,6 +68,17 @@ def _summarise(
     )
 
 
+def _int_list(text: str, option: str, allowed: range) -> list[int]:
+    """``"1,2"`` -> [1, 2], each value in ``allowed``; a clear error otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v not in allowed for v in values):
+        raise SystemExit(f"{option}: comma-separated integers from {allowed.start} to {allowed.stop - 1}, not {text!r}")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
 
@@ -69,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from moe_train.trainer import run_training
     from upmoe.cli import main
 
+    ep_sizes = _int_list(args.ep, "--ep", range(1, 65))
+    stages = _int_list(args.zero_stages, "--zero-stages", range(0, 3))
     work = Path(tempfile.mkdtemp(prefix="upmoe-bench-train-"))
     try:
         model = work / "model"
@@ -76,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
         rows, results = [], []
-        stages = [int(z) for z in args.zero_stages.split(",")]
-        for workers, ep in ((1, 1), (2, 2)):
+        for ep in ep_sizes:
+            workers = ep  # one expert block per worker, no data-parallel replicas
             for zero_stage in stages:
                 out = work / f"ep{ep}-zero{zero_stage}"
                 cfg = load_train_config(
