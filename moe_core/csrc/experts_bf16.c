@@ -74,35 +74,27 @@ static inline __attribute__((always_inline)) void dot_block(
     switch (tile) { case 1: BODY(1); break; case 2: BODY(2); break; case 3: BODY(3); break; \
                     case 4: BODY(4); break; case 5: BODY(5); break; default: BODY(6); break; }
 
-static void gate_up_block(const uint16_t *x, int64_t rows, int64_t D, const uint16_t *w, int64_t F, int64_t b,
-                          uint16_t *h) {
+/* One packed block of 64 columns for every row of one expert: in [rows, K] times the block. With swiglu (gate_up)
+ * the block's 32 gate and 32 up columns become 32 outputs, else (down) its 64 columns are the outputs; out points
+ * at the block's first output column of row 0, out_stride apart. */
+static void block_rows(const uint16_t *in, int64_t rows, int64_t K, const uint16_t *w, int swiglu, uint16_t *out,
+                       int64_t out_stride) {
     __m512 acc[MAX_TILE][4];
     for (int64_t r = 0; r < rows; r += MAX_TILE) {
         int tile = rows - r < MAX_TILE ? (int)(rows - r) : MAX_TILE;
-        const uint32_t *xr = (const uint32_t *)(x + r * D);
-#define GU(T) dot_block(xr, D / 2, w, D / 2, T, acc)
-        TILE_CASES(GU)
-#undef GU
+        const uint32_t *pairs = (const uint32_t *)(in + r * K);
+#define DOT(T) dot_block(pairs, K / 2, w, K / 2, T, acc)
+        TILE_CASES(DOT)
+#undef DOT
         for (int m = 0; m < tile; m++) {
-            uint16_t *hr = h + (r + m) * F + 32 * b;
-            _mm256_storeu_si256((__m256i *)hr, (__m256i)swiglu16(acc[m][0], acc[m][2]));
-            _mm256_storeu_si256((__m256i *)(hr + 16), (__m256i)swiglu16(acc[m][1], acc[m][3]));
-        }
-    }
-}
-
-static void down_block(const uint16_t *h, int64_t rows, int64_t F, const uint16_t *w, int64_t D, int64_t b,
-                       uint16_t *y) {
-    __m512 acc[MAX_TILE][4];
-    for (int64_t r = 0; r < rows; r += MAX_TILE) {
-        int tile = rows - r < MAX_TILE ? (int)(rows - r) : MAX_TILE;
-        const uint32_t *hr = (const uint32_t *)(h + r * F);
-#define DN(T) dot_block(hr, F / 2, w, F / 2, T, acc)
-        TILE_CASES(DN)
-#undef DN
-        for (int m = 0; m < tile; m++) {
-            uint16_t *yr = y + (r + m) * D + BLOCK * b;
-            for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(yr + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
+            uint16_t *o = out + (r + m) * out_stride;
+            if (swiglu) {
+                _mm256_storeu_si256((__m256i *)o, (__m256i)swiglu16(acc[m][0], acc[m][2]));
+                _mm256_storeu_si256((__m256i *)(o + 16), (__m256i)swiglu16(acc[m][1], acc[m][3]));
+            } else {
+                for (int j = 0; j < 4; j++)
+                    _mm256_storeu_si256((__m256i *)(o + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[m][j]));
+            }
         }
     }
 }
@@ -121,16 +113,16 @@ void experts_bf16(const uint16_t *x, const int64_t *offsets, int64_t E, int64_t 
             for (int64_t b = 0; b < gu_blocks; b++) {
                 int64_t rows = offsets[e + 1] - offsets[e];
                 if (rows)
-                    gate_up_block(x + offsets[e] * D, rows, D, gate_up + e * gu_size + b * gu_bsize, F, b,
-                                  h + offsets[e] * F);
+                    block_rows(x + offsets[e] * D, rows, D, gate_up + e * gu_size + b * gu_bsize, 1,
+                               h + offsets[e] * F + 32 * b, F);
             }
 #pragma omp for schedule(dynamic, 4) collapse(2)
         for (int64_t e = 0; e < E; e++)
             for (int64_t b = 0; b < dn_blocks; b++) {
                 int64_t rows = offsets[e + 1] - offsets[e];
                 if (rows)
-                    down_block(h + offsets[e] * F, rows, F, down + e * dn_size + b * dn_bsize, D, b,
-                               y + offsets[e] * D);
+                    block_rows(h + offsets[e] * F, rows, F, down + e * dn_size + b * dn_bsize, 0,
+                               y + offsets[e] * D + BLOCK * b, D);
             }
     }
 }
