@@ -30,6 +30,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backends", nargs="+", default=["eager", "grouped"], help="our backends to run")
     p.add_argument(
+        "--packed",
+        action="store_true",
+        help="also time serving's CPU inference on prepacked experts (forward only): oneDNN, one call per expert, "
+        "and in bf16 with AVX512-BF16 the experts kernel (moe_core/cpu_experts.py), one call per layer",
+    )
+    p.add_argument(
         "--max-batched-bytes", type=int, default=4 * 2**30, help="skip transformers batched_mm above this gather size"
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
@@ -83,6 +89,20 @@ def our_blocks(cfg: ModelConfig, backends: list[str], dtype: torch.dtype) -> dic
     return blocks
 
 
+def packed_blocks(reference: MoE) -> dict[str, MoE]:
+    """``reference``'s experts prepacked as serving packs them on a CPU: for oneDNN, and for the bf16 kernel where
+    it runs here."""
+    blocks = {}
+    for name, kernel in (("upmoe packed, oneDNN", False), ("upmoe packed, bf16 kernel", True)):
+        block = copy.deepcopy(reference).eval()
+        block.experts.pack_for_cpu_inference(kernel=kernel)
+        if kernel and block.experts._packed[2] != "cpu-bf16-kernel":
+            print(f"  skip {name}: needs bf16, AVX512-BF16 and a C compiler")
+            continue
+        blocks[name] = block
+    return blocks
+
+
 def batched_mm_bytes(cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
     slots = tokens * cfg.num_experts_per_tok
     per_slot = 3 * cfg.hidden_size * cfg.moe_intermediate_size
@@ -94,7 +114,9 @@ def _call(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def measure(block: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+def measure(block: torch.nn.Module, x: torch.Tensor, repeats: int, train: bool = True) -> tuple[float, float | None]:
+    """Median seconds of a forward and, with ``train``, of a forward + backward (else None)."""
+
     def forward() -> None:
         with torch.no_grad():
             _call(block, x)
@@ -106,6 +128,8 @@ def measure(block: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[floa
         xg = x.detach().requires_grad_()
         _call(block, xg).backward(grad_out)
 
+    if not train:
+        return median_seconds(forward, repeats=repeats), None
     return median_seconds(forward, repeats=repeats), median_seconds(forward_backward, repeats=repeats)
 
 
@@ -114,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cfg = layer_config(args)
     ours = our_blocks(cfg, args.backends, dtype)
-    blocks: dict[str, torch.nn.Module] = {**ours, **hf_blocks(cfg, next(iter(ours.values())), dtype)}
+    first = next(iter(ours.values()))
+    packed = packed_blocks(first) if args.packed else {}
+    blocks: dict[str, torch.nn.Module] = {**ours, **packed, **hf_blocks(cfg, first, dtype)}
     print(
         f"MoE layer: hidden {args.hidden}, {args.experts} routed experts x {args.expert_size} (top-{args.top_k}), "
         f"shared {args.shared} x {args.expert_size} = {args.shared * args.expert_size}, {args.dtype}, "
@@ -132,27 +158,29 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  skip {name}: would gather {gib:.0f} GiB of per-slot weights")
                 continue
             try:
-                fwd, fwd_bwd = measure(block, x, args.repeats)
+                fwd, fwd_bwd = measure(block, x, args.repeats, train=name not in packed)
                 diff = float((_call(block, x).detach() - reference).abs().max())
             except (RuntimeError, NotImplementedError) as e:
                 print(f"  skip {name}: {e}")
                 continue
-            rows[name] = {"forward_tok_s": tokens / fwd, "train_tok_s": tokens / fwd_bwd, "max_abs_diff": diff}
+            train = tokens / fwd_bwd if fwd_bwd is not None else None
+            rows[name] = {"forward_tok_s": tokens / fwd, "train_tok_s": train, "max_abs_diff": diff}
         hf = {k: v for k, v in rows.items() if k.startswith("transformers")}
         best_fwd = max(v["forward_tok_s"] for v in hf.values())
         best_train = max(v["train_tok_s"] for v in hf.values())
         eager = rows["transformers eager"]
         table = []
         for name, r in rows.items():
+            train = r["train_tok_s"]
             table.append(
                 [
                     name,
                     r["forward_tok_s"],
-                    r["train_tok_s"],
+                    "-" if train is None else train,
                     r["forward_tok_s"] / best_fwd,
-                    r["train_tok_s"] / best_train,
+                    "-" if train is None else train / best_train,
                     r["forward_tok_s"] / eager["forward_tok_s"],
-                    r["train_tok_s"] / eager["train_tok_s"],
+                    "-" if train is None else train / eager["train_tok_s"],
                     f"{r['max_abs_diff']:.1e}",
                 ]
             )

@@ -185,14 +185,14 @@ class Experts(nn.Module):
     def owned(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local)
 
-    def pack_for_cpu_inference(self) -> int:
-        """Prepack the experts' weights for the fastest CPU kernel this machine has and drop the stacked
-        parameters: inference only, from here on (no gradients, no state_dict entries). The number of weights
-        packed."""
+    def pack_for_cpu_inference(self, *, kernel: bool = True) -> int:
+        """Prepack the experts' weights for the fastest CPU kernel this machine has (``kernel=False``: oneDNN
+        even where ``cpu_experts`` runs) and drop the stacked parameters: inference only, from here on (no
+        gradients, no state_dict entries). The number of weights packed."""
         if self._packed is None:
             gate_up, down = self.gate_up_proj.detach(), self.down_proj.detach()
             dtype, hidden = gate_up.dtype, gate_up.shape[2]
-            if cpu_experts.available(gate_up.device, dtype, hidden, self.expert_size):
+            if kernel and cpu_experts.available(gate_up.device, dtype, hidden, self.expert_size):
                 run = functools.partial(
                     cpu_experts.experts, gate_up=cpu_experts.pack_gate_up(gate_up), down=cpu_experts.pack_down(down)
                 )

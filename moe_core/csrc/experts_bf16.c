@@ -99,30 +99,30 @@ static void block_rows(const uint16_t *in, int64_t rows, int64_t K, const uint16
     }
 }
 
-/* x [S, D] slots sorted by expert, offsets [E + 1] their boundaries; gate_up [E][2F/64 blocks], down [E][D/64
+/* in [S, K] times each expert's packed weight (w_size elements apart, blocks of BLOCK x K), for the slots of each
+ * expert, into out [S, out_stride], each block's outputs out_block columns apart. A work-sharing loop of the
+ * enclosing parallel region; dynamic, because experts with no slots cost nothing and equal static shares of
+ * (expert, block) would not balance. */
+static void all_experts(const uint16_t *in, const int64_t *offsets, int64_t E, int64_t K, int64_t blocks,
+                        const uint16_t *w, int64_t w_size, int swiglu, uint16_t *out, int64_t out_stride,
+                        int64_t out_block) {
+#pragma omp for schedule(dynamic, 4) collapse(2)
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t rows = offsets[e + 1] - offsets[e];
+            if (rows)
+                block_rows(in + offsets[e] * K, rows, K, w + e * w_size + b * BLOCK * K, swiglu,
+                           out + offsets[e] * out_stride + b * out_block, out_stride);
+        }
+}
+
+/* x [S, D] slots sorted by expert, offsets [E + 1] their boundaries; gate_up [E][F/32 blocks], down [E][D/64
  * blocks] packed as above; h [S, F] scratch; y [S, D] the output. */
 void experts_bf16(const uint16_t *x, const int64_t *offsets, int64_t E, int64_t D, int64_t F,
                   const uint16_t *gate_up, const uint16_t *down, uint16_t *h, uint16_t *y, int threads) {
-    const int64_t gu_blocks = F / 32, dn_blocks = D / BLOCK;
-    const int64_t gu_size = 2 * F * D, dn_size = D * F, gu_bsize = BLOCK * D, dn_bsize = BLOCK * F;
-    /* dynamic: experts with no slots cost nothing, so equal static shares of (expert, block) would not balance */
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(dynamic, 4) collapse(2)
-        for (int64_t e = 0; e < E; e++)
-            for (int64_t b = 0; b < gu_blocks; b++) {
-                int64_t rows = offsets[e + 1] - offsets[e];
-                if (rows)
-                    block_rows(x + offsets[e] * D, rows, D, gate_up + e * gu_size + b * gu_bsize, 1,
-                               h + offsets[e] * F + 32 * b, F);
-            }
-#pragma omp for schedule(dynamic, 4) collapse(2)
-        for (int64_t e = 0; e < E; e++)
-            for (int64_t b = 0; b < dn_blocks; b++) {
-                int64_t rows = offsets[e + 1] - offsets[e];
-                if (rows)
-                    block_rows(h + offsets[e] * F, rows, F, down + e * dn_size + b * dn_bsize, 0,
-                               y + offsets[e] * D + BLOCK * b, D);
-            }
+        all_experts(x, offsets, E, D, F / 32, gate_up, 2 * F * D, 1, h, F, 32); /* the loop's barrier: h done */
+        all_experts(h, offsets, E, F, D / BLOCK, down, D * F, 0, y, D, BLOCK);
     }
 }
