@@ -1,11 +1,11 @@
 """All routed experts of a layer in one C call, for bf16 inference on CPUs with AVX512-BF16.
 
 A decode step sends a few tokens to each of most experts, so on a CPU it is bound by reading expert weights.
-One oneDNN call per expert (``moe_core.onednn``) reads them at ~9 GB/s per core here and pays a fixed cost per
-call, ~1,500 calls per step for a 24-layer 64-expert model; this kernel (``csrc/experts_bf16.c``) reads each
-expert's weights as one sequential stream at ~17 GB/s (the core streams ~21 GB/s) and does the swiglu in
-between, for every expert of the layer in one call. vLLM's CPU build has a fused MoE kernel for the same
-reason.
+One oneDNN call per expert (``moe_core.onednn``) reads them at 7-12 GB/s per core here and pays ~15 µs per
+call, two calls per expert, ~2,900 per step for a 24-layer 64-expert model; this kernel
+(``csrc/experts_bf16.c``) reads each expert's weights as one sequential stream at 14-21 GB/s (the core streams
+~21 GB/s) and does the swiglu in between, for every expert of the layer in one call. vLLM's CPU build has a
+fused MoE kernel for the same reason. ``upmoe bench moe-layer --dtype bf16 --packed`` compares the two.
 
 The kernel is compiled on first use with the machine's C compiler for the machine's own CPU (``-march=native``)
 and cached under ``~/.cache/upmoe/kernels`` (``$UPMOE_KERNEL_CACHE`` overrides). Where there is no compiler, no
