@@ -33,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--packed",
         action="store_true",
         help="also time serving's CPU inference on prepacked experts (forward only): oneDNN, one call per expert, "
-        "and in bf16 with AVX512-BF16 the experts kernel (moe_core/cpu_experts.py), one call per layer",
+        "and, with AVX-512, the experts kernel (moe_core/cpu_experts.py), one call per layer",
     )
     p.add_argument(
         "--max-batched-bytes", type=int, default=4 * 2**30, help="skip transformers batched_mm above this gather size"
@@ -90,14 +90,14 @@ def our_blocks(cfg: ModelConfig, backends: list[str], dtype: torch.dtype) -> dic
 
 
 def packed_blocks(reference: MoE) -> dict[str, MoE]:
-    """``reference``'s experts prepacked as serving packs them on a CPU: for oneDNN, and for the bf16 kernel where
-    it runs here."""
+    """``reference``'s experts prepacked as serving packs them on a CPU: for oneDNN, and for the experts kernel
+    where it runs here."""
     blocks = {}
-    for name, kernel in (("upmoe packed, oneDNN", False), ("upmoe packed, bf16 kernel", True)):
+    for name, kernel in (("upmoe packed, oneDNN", False), ("upmoe packed, experts kernel", True)):
         block = copy.deepcopy(reference).eval()
         block.experts.pack_for_cpu_inference(kernel=kernel)
-        if kernel and block.experts._packed[2] != "cpu-bf16-kernel":
-            print(f"  skip {name}: needs bf16, AVX512-BF16 and a C compiler")
+        if kernel and block.experts._packed[2] != "cpu-kernel":
+            print(f"  skip {name}: needs AVX-512 (AVX512-BF16 for bf16) and a C compiler")
             continue
         blocks[name] = block
     return blocks

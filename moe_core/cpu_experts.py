@@ -1,15 +1,17 @@
-"""All routed experts of a layer in one C call, for bf16 inference on CPUs with AVX512-BF16.
+"""All routed experts of a layer in one C call, for CPU inference on x86 with AVX-512 (bf16: AVX512-BF16).
 
 A decode step sends a few tokens to each of most experts, so on a CPU it is bound by reading expert weights.
-One oneDNN call per expert (``moe_core.onednn``) reads them at 7-12 GB/s per core here and pays ~15 µs per
-call, two calls per expert, ~2,900 per step for a 24-layer 64-expert model; this kernel
-(``csrc/experts_bf16.c``) reads each expert's weights as one sequential stream at 14-21 GB/s (the core streams
-~21 GB/s) and does the swiglu in between, for every expert of the layer in one call. vLLM's CPU build has a
-fused MoE kernel for the same reason. ``upmoe bench moe-layer --dtype bf16 --packed`` compares the two.
+One oneDNN call per expert (``moe_core.onednn``) reads them at 7-12 GB/s per core here (bf16) and pays ~15 µs
+per call, two calls per expert, ~2,900 per step for a 24-layer 64-expert model. This kernel
+(``csrc/cpu_experts.c``, built for bf16 and for fp32) reads each expert's weights as one sequential stream,
+14-21 GB/s in bf16 (the core streams ~21 GB/s), and does the swiglu in between, for every expert of the layer
+in one call. vLLM's CPU build has a fused MoE kernel for the same reason. ``upmoe bench moe-layer --packed``
+compares the two.
 
 The kernel is compiled on first use with the machine's C compiler for the machine's own CPU (``-march=native``)
-and cached under ``~/.cache/upmoe/kernels`` (``$UPMOE_KERNEL_CACHE`` overrides). Where there is no compiler, no
-AVX512-BF16 or a shape it does not take, ``available`` says no and the experts stay on oneDNN.
+and cached under ``~/.cache/upmoe/kernels`` (``$UPMOE_KERNEL_CACHE`` overrides). Where there is no compiler, not
+the CPU feature its dtype needs, or a shape it does not take, ``available`` says no and the experts stay on
+oneDNN.
 """
 
 from __future__ import annotations
@@ -23,15 +25,30 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "experts_bf16.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_experts.c"
 BLOCK = 64  # output columns per packed block; gate_up blocks hold 32 gate and 32 up columns
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+@dataclass(frozen=True)
+class _Variant:
+    name: str
+    cpu_flag: str  # what /proc/cpuinfo must list
+    defines: tuple[str, ...]
+    k_step: int  # inputs per weight group: bf16's vdpbf16ps takes k-pairs
+
+
+_VARIANTS = {
+    torch.bfloat16: _Variant("bf16", "avx512_bf16", (), 2),
+    torch.float32: _Variant("fp32", "avx512f", ("-DEXPERTS_FP32",), 1),
+}
 
 
 def _cpu_flags() -> set[str]:
@@ -48,7 +65,7 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("UPMOE_KERNEL_CACHE", Path.home() / ".cache" / "upmoe" / "kernels"))
 
 
-def _build(compiler: str, target: Path) -> bool:
+def _build(compiler: str, flags: list[str], target: Path) -> bool:
     """Compile the kernel to ``target``; False (with a warning) where that fails, e.g. an unwritable cache."""
     tmp = None
     try:
@@ -56,12 +73,12 @@ def _build(compiler: str, target: Path) -> bool:
         # Build beside the target and rename: concurrent ranks never load a half-written library.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        subprocess.run([compiler, *_FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
         return True
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or e
-        log.warning("the bf16 CPU experts kernel did not build (%s); experts stay on oneDNN", detail)
+        log.warning("the CPU experts kernel %s did not build (%s); experts stay on oneDNN", target.name, detail)
         return False
     finally:
         if tmp is not None:
@@ -69,20 +86,22 @@ def _build(compiler: str, target: Path) -> bool:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per source, compiler and CPU; None where it cannot be built here."""
-    flags = _cpu_flags()
+def _library(variant: _Variant) -> ctypes.CDLL | None:
+    """The compiled kernel, built once per variant, source, compiler and CPU; None where it cannot be built here."""
+    cpu = _cpu_flags()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if platform.machine() != "x86_64" or "avx512_bf16" not in flags or compiler is None:
+    if platform.machine() != "x86_64" or variant.cpu_flag not in cpu or compiler is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *_FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"experts_bf16-{key}.so"
-    if not target.exists() and not _build(compiler, target):
+    flags = [*_FLAGS, *variant.defines]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, *sorted(cpu)]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"experts_{variant.name}-{key}.so"
+    if not target.exists() and not _build(compiler, flags, target):
         return None
     lib = ctypes.CDLL(str(target))  # torch is loaded, so the kernel's OpenMP is torch's libgomp
-    lib.experts_bf16.restype = None
+    entry = getattr(lib, f"experts_{variant.name}")
+    entry.restype = None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # x, offsets, E, D, F, gate_up, down, h, y, threads
-    lib.experts_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+    entry.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
     return lib
 
 
@@ -90,21 +109,23 @@ def available(device: torch.device | str, dtype: torch.dtype, hidden_size: int, 
     """Whether experts of this shape and dtype can run on the kernel on ``device``."""
     return (
         torch.device(device).type == "cpu"
-        and dtype == torch.bfloat16
+        and dtype in _VARIANTS
         and hidden_size % BLOCK == 0
         and expert_size % (BLOCK // 2) == 0
-        and _library() is not None
+        and _library(_VARIANTS[dtype]) is not None
     )
 
 
 def _blocks(weight_NK: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/64, K/2, 64, 2]: each block of 64 outputs one stream of k-pairs, as vdpbf16ps reads them."""
+    """[N, K] -> [N/64, K/s, 64, s] with s the variant's k-step: each block of 64 outputs one stream of k-steps,
+    as the kernel reads them (bf16 in k-pairs, for vdpbf16ps)."""
     n, k = weight_NK.shape
-    return weight_NK.reshape(n // BLOCK, BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    step = _VARIANTS[weight_NK.dtype].k_step
+    return weight_NK.reshape(n // BLOCK, BLOCK, k // step, step).permute(0, 2, 1, 3).contiguous()
 
 
 def pack_gate_up(gate_up_EGD: torch.Tensor) -> torch.Tensor:
-    """[E, 2F, D] (gate rows then up rows) -> [E, F/32, D/2, 64, 2], each block 32 gate then 32 up columns,
+    """[E, 2F, D] (gate rows then up rows) -> [E, F/32, D/s, 64, s], each block 32 gate then 32 up columns,
     so one block yields 32 finished swiglu outputs."""
     e, g, d = gate_up_EGD.shape
     half = BLOCK // 2
@@ -114,23 +135,29 @@ def pack_gate_up(gate_up_EGD: torch.Tensor) -> torch.Tensor:
 
 
 def pack_down(down_EDF: torch.Tensor) -> torch.Tensor:
-    """[E, D, F] -> [E, D/64, F/2, 64, 2]."""
+    """[E, D, F] -> [E, D/64, F/s, 64, s]."""
     return torch.stack([_blocks(w) for w in down_EDF.detach().unbind(0)])
 
 
 def experts(x_SD: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``down_e(silu(gate_e x) * up_e x)`` for each expert e and its block of ``counts[e]`` slots, on weights
     packed by ``pack_gate_up`` / ``pack_down``."""
-    num_experts, hidden, width = down.shape[0], x_SD.shape[1], down.shape[2] * 2
+    num_experts, hidden, width = down.shape[0], x_SD.shape[1], down.shape[2] * down.shape[4]  # F/s k-steps of s
+    # The C side trusts these shapes: check them here rather than read out of bounds there.
+    if gate_up.dtype != down.dtype or gate_up.shape[0] != num_experts or gate_up.shape[2] * gate_up.shape[4] != hidden:
+        raise ValueError(f"packed weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit slots of {hidden}")
     if len(counts) != num_experts or sum(counts) != x_SD.shape[0]:
         raise ValueError(
             f"{len(counts)} counts summing to {sum(counts)} for {num_experts} experts and {x_SD.shape[0]} slots"
         )
-    x_SD = x_SD.to(torch.bfloat16).contiguous()
+    dtype = down.dtype
+    x_SD = x_SD.to(dtype).contiguous()
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-    h_SF = torch.empty(x_SD.shape[0], width, dtype=torch.bfloat16)
+    h_SF = torch.empty(x_SD.shape[0], width, dtype=dtype)
     y_SD = torch.empty_like(x_SD)
+    variant = _VARIANTS[dtype]
     pointers = [t.data_ptr() for t in (x_SD, offsets)], [t.data_ptr() for t in (gate_up, down, h_SF, y_SD)]
-    _library().experts_bf16(*pointers[0], num_experts, hidden, width, *pointers[1], torch.get_num_threads())
+    entry = getattr(_library(variant), f"experts_{variant.name}")
+    entry(*pointers[0], num_experts, hidden, width, *pointers[1], torch.get_num_threads())
     return y_SD

@@ -11,8 +11,8 @@ Backends:
 - ``megablocks``: MegaBlocks' grouped GEMM kernels (CUDA only, imported lazily).
 
 For CPU inference the weights can instead be prepacked (``pack_for_cpu_inference``), which replaces the
-backend: in bf16 on CPUs with AVX512-BF16 for ``moe_core.cpu_experts``' kernel, one call for all experts of a
-layer; otherwise per expert for oneDNN (``moe_core.onednn``).
+backend: on x86 CPUs with AVX-512 (AVX512-BF16 for bf16) for ``moe_core.cpu_experts``' kernel, one call for
+all experts of a layer; otherwise per expert for oneDNN (``moe_core.onednn``).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class Experts(nn.Module):
                 run = functools.partial(
                     cpu_experts.experts, gate_up=cpu_experts.pack_gate_up(gate_up), down=cpu_experts.pack_down(down)
                 )
-                self._packed = (run, dtype, "cpu-bf16-kernel")
+                self._packed = (run, dtype, "cpu-kernel")
             else:
                 gate_ups, downs = [onednn.pack(w) for w in gate_up.unbind(0)], [onednn.pack(w) for w in down.unbind(0)]
                 self._packed = (functools.partial(onednn_experts, gate_ups=gate_ups, downs=downs), dtype, "onednn")
