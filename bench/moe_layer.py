@@ -96,7 +96,7 @@ def packed_blocks(reference: MoE) -> dict[str, MoE]:
     for name, kernel in (("upmoe packed, oneDNN", False), ("upmoe packed, experts kernel", True)):
         block = copy.deepcopy(reference).eval()
         block.experts.pack_for_cpu_inference(kernel=kernel)
-        if kernel and block.experts._packed[2] != "cpu-kernel":
+        if kernel and block.experts.packed_for != "cpu-kernel":
             print(f"  skip {name}: needs AVX-512 (AVX512-BF16 for bf16) and a C compiler")
             continue
         blocks[name] = block

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -86,8 +87,9 @@ def _build(compiler: str, flags: list[str], target: Path) -> bool:
 
 
 @functools.cache
-def _library(variant: _Variant) -> ctypes.CDLL | None:
-    """The compiled kernel, built once per variant, source, compiler and CPU; None where it cannot be built here."""
+def _entry(variant: _Variant) -> ctypes._CFuncPtr | None:
+    """The compiled kernel's entry point, built once per variant, source, compiler and CPU; None where it cannot
+    be built here."""
     cpu = _cpu_flags()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if platform.machine() != "x86_64" or variant.cpu_flag not in cpu or compiler is None:
@@ -102,7 +104,7 @@ def _library(variant: _Variant) -> ctypes.CDLL | None:
     entry.restype = None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64  # x, offsets, E, D, F, gate_up, down, h, y, threads
     entry.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
-    return lib
+    return entry
 
 
 def available(device: torch.device | str, dtype: torch.dtype, hidden_size: int, expert_size: int) -> bool:
@@ -112,31 +114,30 @@ def available(device: torch.device | str, dtype: torch.dtype, hidden_size: int, 
         and dtype in _VARIANTS
         and hidden_size % BLOCK == 0
         and expert_size % (BLOCK // 2) == 0
-        and _library(_VARIANTS[dtype]) is not None
+        and _entry(_VARIANTS[dtype]) is not None
     )
 
 
-def _blocks(weight_NK: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> [N/64, K/s, 64, s] with s the variant's k-step: each block of 64 outputs one stream of k-steps,
-    as the kernel reads them (bf16 in k-pairs, for vdpbf16ps)."""
-    n, k = weight_NK.shape
-    step = _VARIANTS[weight_NK.dtype].k_step
-    return weight_NK.reshape(n // BLOCK, BLOCK, k // step, step).permute(0, 2, 1, 3).contiguous()
+def _step(dtype: torch.dtype) -> int:
+    return _VARIANTS[dtype].k_step
 
 
 def pack_gate_up(gate_up_EGD: torch.Tensor) -> torch.Tensor:
-    """[E, 2F, D] (gate rows then up rows) -> [E, F/32, D/s, 64, s], each block 32 gate then 32 up columns,
-    so one block yields 32 finished swiglu outputs."""
+    """[E, 2F, D] (gate rows then up rows) -> [E, F/32, D/s, 64, s] with s the dtype's k-step: each block of 64
+    outputs one stream of k-steps, as the kernel reads them (bf16 in k-pairs, for vdpbf16ps), its columns 32
+    gate then 32 up, so one block yields 32 finished swiglu outputs."""
     e, g, d = gate_up_EGD.shape
-    half = BLOCK // 2
-    gate, up = gate_up_EGD.detach().reshape(e, 2, g // 2 // half, half, d).unbind(1)
-    interleaved = torch.cat([gate, up], dim=2).reshape(e, g, d)
-    return torch.stack([_blocks(w) for w in interleaved.unbind(0)])
+    s, half = _step(gate_up_EGD.dtype), BLOCK // 2
+    # [E, gate|up, F/32, 32, D/s, s] -> [E, F/32, D/s, gate|up, 32, s]: one copy
+    blocks = gate_up_EGD.detach().reshape(e, 2, g // 2 // half, half, d // s, s).permute(0, 2, 4, 1, 3, 5)
+    return blocks.contiguous().reshape(e, g // BLOCK, d // s, BLOCK, s)
 
 
 def pack_down(down_EDF: torch.Tensor) -> torch.Tensor:
     """[E, D, F] -> [E, D/64, F/s, 64, s]."""
-    return torch.stack([_blocks(w) for w in down_EDF.detach().unbind(0)])
+    e, d, f = down_EDF.shape
+    s = _step(down_EDF.dtype)
+    return down_EDF.detach().reshape(e, d // BLOCK, BLOCK, f // s, s).permute(0, 1, 3, 2, 4).contiguous()
 
 
 def experts(x_SD: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -152,12 +153,9 @@ def experts(x_SD: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: 
         )
     dtype = down.dtype
     x_SD = x_SD.to(dtype).contiguous()
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int64)
     h_SF = torch.empty(x_SD.shape[0], width, dtype=dtype)
     y_SD = torch.empty_like(x_SD)
-    variant = _VARIANTS[dtype]
     pointers = [t.data_ptr() for t in (x_SD, offsets)], [t.data_ptr() for t in (gate_up, down, h_SF, y_SD)]
-    entry = getattr(_library(variant), f"experts_{variant.name}")
-    entry(*pointers[0], num_experts, hidden, width, *pointers[1], torch.get_num_threads())
+    _entry(_VARIANTS[dtype])(*pointers[0], num_experts, hidden, width, *pointers[1], torch.get_num_threads())
     return y_SD

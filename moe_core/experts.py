@@ -185,6 +185,11 @@ class Experts(nn.Module):
     def owned(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local)
 
+    @property
+    def packed_for(self) -> str | None:
+        """The CPU kernel the weights are packed for ("cpu-kernel" or "onednn"), None while unpacked."""
+        return self._packed[2] if self._packed is not None else None
+
     def pack_for_cpu_inference(self, *, kernel: bool = True) -> int:
         """Prepack the experts' weights for the fastest CPU kernel this machine has (``kernel=False``: oneDNN
         even where ``cpu_experts`` runs) and drop the stacked parameters: inference only, from here on (no
@@ -216,7 +221,7 @@ class Experts(nn.Module):
         return _BACKENDS[self.backend](x_SD, counts, gate_up, down)
 
     def extra_repr(self) -> str:
-        backend = f"{self._packed[2]}-packed" if self._packed is not None else self.backend.value
+        backend = f"{self.packed_for}-packed" if self._packed is not None else self.backend.value
         return (
             f"experts={self.first_expert}..{self.first_expert + self.num_local - 1} of {self.num_experts}, "
             f"expert_size={self.expert_size}, backend={backend}"

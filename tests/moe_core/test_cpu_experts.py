@@ -28,11 +28,11 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """A kernel cache of its own, and ``_library`` re-evaluated before and after the test."""
+    """A kernel cache of its own, and ``_entry`` re-evaluated before and after the test."""
     monkeypatch.setenv("UPMOE_KERNEL_CACHE", str(tmp_path))
-    cpu_experts._library.cache_clear()
+    cpu_experts._entry.cache_clear()
     yield tmp_path
-    cpu_experts._library.cache_clear()
+    cpu_experts._entry.cache_clear()
 
 
 def _weights(
@@ -104,7 +104,7 @@ def _packed_backend(dtype: torch.dtype, hidden: int = 64, width: int = 32) -> st
         experts.down_proj.normal_()
     experts = experts.to(dtype)
     experts.pack_for_cpu_inference()
-    return experts._packed[2]
+    return experts.packed_for
 
 
 @needs_kernel
@@ -148,6 +148,6 @@ def test_the_kernel_is_built_once_per_source_and_cpu(fresh_library) -> None:
     built = list(fresh_library.glob("experts_bf16-*.so"))  # the bf16 build only: fp32 is another library
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_experts._library.cache_clear()
+    cpu_experts._entry.cache_clear()
     assert cpu_experts.available("cpu", torch.bfloat16, 64, 32)
     assert list(fresh_library.glob("experts_*.so")) == built and built[0].stat().st_mtime_ns == stamp
